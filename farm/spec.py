@@ -1,0 +1,77 @@
+"""Frozen value objects shared by every layer: server configurations and the farm's settings."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+# Practical request limits. Upstream's 50000/5000 bytes silently drop ordinary requests
+# (a one-line script request is ~3.8 kB compressed; a tapset directory is far more).
+DEFAULT_MAX_REQUEST_SIZE = 64 * 1024 * 1024
+DEFAULT_MAX_COMPRESSED_REQUEST = 16 * 1024 * 1024
+
+
+class Strategy(str, enum.Enum):
+    """How a server builds for its target architecture."""
+
+    AUTO = "auto"  # native, else cross, else emulated
+    NATIVE = "native"  # image arch == target arch
+    CROSS = "cross"  # host-arch image, cross toolchain, -B CROSS_COMPILE=...
+    EMULATED = "emulated"  # target-arch image under qemu-user
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One compile server as stap-server(8) describes it (a .conf file or a command line).
+
+    Values are kept as the user wrote them (BUILD keeps its quotes, as upstream); `arch` is
+    already normalised to stap's name (`x86_64`, `arm64`).
+    """
+
+    arch: str
+    releases: tuple[str, ...] = ()
+    build: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    define: tuple[str, ...] = ()
+    runtime: str = ""
+    user: str = ""
+    nickname: str = ""
+    log: str = ""
+    port: int | None = None
+    ssl: str = ""
+    max_threads: int | None = None
+    max_request_size: int | None = None
+    max_compressed_request: int | None = None
+    strategy: Strategy = Strategy.AUTO
+    source: str = ""  # the .conf file it came from, "" for the command line
+
+    def identity(self) -> tuple[object, ...]:
+        """What makes two configurations the same server (everything but nickname/source)."""
+        return (self.arch, self.releases, self.build, self.include, self.define, self.runtime,
+                self.user, self.log, self.port, self.ssl, self.max_threads,
+                self.max_request_size, self.max_compressed_request, self.strategy)
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    """The global configuration file's settings (the manual's variables plus the farm's)."""
+
+    config_path: str
+    stat_path: str
+    log_file: str
+    stap_user: str = ""
+    state_dir: str = ""  # farm state: certificate databases, locks, caches
+    strategy: Strategy = Strategy.AUTO
+    image_prefix: str = "stapfarm/server"
+    listen_address: str = "0.0.0.0"
+    mdns_interfaces: tuple[str, ...] = ()  # () = every LAN interface
+    cert_names: tuple[str, ...] = ()  # extra DNS names for server certificates
+    modules_dir: str = "/lib/modules"  # what -i scans
+    debian_mirror: str = "http://deb.debian.org/debian"
+    kernel_suites: tuple[str, ...] = ("trixie",)
+    apt_allow_expired: bool = False
+    memory_limit: str = "2g"
+    pids_limit: int = 512
+    cpus: float = 0.0  # 0 = all host CPUs
+    tmpfs_size: str = "1g"
+    sources: tuple[str, ...] = field(default=())  # global files that were read
