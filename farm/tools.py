@@ -1,0 +1,180 @@
+"""The farm's own actions beside the manual's: `images`, `kernels` (and more to come)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
+
+from farm import images, kernels
+from farm.arch import ALL, Arch
+from farm.debian import Mirror
+from farm.errors import EXIT_OK, EXIT_USAGE, FarmError, UsageError
+from farm.spec import GlobalConfig, Strategy
+from farm.strategy import resolve
+
+Action = Callable[[list[str], Mapping[str, str], TextIO, TextIO], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would sys.exit(2) itself
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _global(paths: list[str], environ: Mapping[str, str]) -> GlobalConfig:
+    from farm.config import load_global
+
+    return load_global(paths, environ)
+
+
+def _client(environ: Mapping[str, str]) -> Any:
+    from farm.dockerclient import connect
+
+    return connect(environ)
+
+
+def _arches(values: list[str] | None) -> list[Arch]:
+    return [Arch.parse(v) for v in values] if values else list(ALL)
+
+
+def _run(fn: Callable[[argparse.Namespace, GlobalConfig, Mapping[str, str], TextIO, TextIO],
+                      int], parser: argparse.ArgumentParser, argv: list[str],
+         environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    try:
+        ns = parser.parse_args(argv)
+        gcfg = _global(ns.config or [], environ)
+        return fn(ns, gcfg, environ, out, err)
+    except FarmError as e:
+        print(f"stap-server: {e}", file=err)
+        return e.exit_code
+
+
+def _say(stream: TextIO) -> Callable[[str], None]:
+    def say(line: str) -> None:
+        print(line, file=stream, flush=True)
+    return say
+
+
+def images_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    """stap-server images {build|list} [-a ARCH]... [--force] [--allow-expired-release]"""
+    p = _Parser(prog="stap-server images", description="Build or list the farm's server images.")
+    p.add_argument("command", choices=["build", "list"])
+    p.add_argument("-a", dest="arch", action="append", help="x86_64 or aarch64 (default: all)")
+    p.add_argument("-c", dest="config", action="append", help="global configuration file")
+    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    p.add_argument("--allow-expired-release", action="store_true",
+                   help="accept a testing Release file past its Valid-Until (mirror snapshots)")
+
+    def run(ns: argparse.Namespace, gcfg: GlobalConfig, env: Mapping[str, str], o: TextIO,
+            e: TextIO) -> int:
+        client = _client(env)
+        if ns.allow_expired_release:
+            from dataclasses import replace
+            gcfg = replace(gcfg, apt_allow_expired=True)
+        for arch in _arches(ns.arch):
+            if ns.command == "build":
+                images.build(client, gcfg, arch, _say(o), force=ns.force)
+            else:
+                tag, state = images.status(client, gcfg, arch)
+                print(f"{tag}\t{state}", file=o)
+        return EXIT_OK
+
+    return _run(run, p, argv, environ, out, err)
+
+
+def _store(client: Any, gcfg: GlobalConfig, target: Arch, strategy: Strategy,
+           environ: Mapping[str, str]) -> kernels.TreeStore:
+    plan = resolve(strategy, target, Arch.host())
+    return kernels.TreeStore(client, _prefix(environ), plan.image_arch,
+                             images.image_tag(gcfg, plan.image_arch),
+                             test_label=environ.get("STAPFARM_TEST_LABEL", ""))
+
+
+def _prefix(environ: Mapping[str, str]) -> str:
+    return environ.get("STAPFARM_PREFIX", "stapfarm")
+
+
+def _mirror(gcfg: GlobalConfig) -> Mirror:
+    return Mirror(gcfg.debian_mirror, kernels.cache_dir(gcfg.state_dir))
+
+
+def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    """stap-server kernels {available|add|list|remove} [-a ARCH] [-r RELEASE] [--debuginfo]"""
+    p = _Parser(prog="stap-server kernels",
+                description="Kernel devel trees by release, from the Debian mirror.")
+    p.add_argument("command", choices=["available", "add", "list", "remove"])
+    p.add_argument("-a", dest="arch", action="append", help="target architecture")
+    p.add_argument("-r", dest="release", action="append", help="kernel release")
+    p.add_argument("-c", dest="config", action="append", help="global configuration file")
+    p.add_argument("--strategy", type=Strategy, choices=list(Strategy), default=None,
+                   help="which image uses the tree (default: the global STRATEGY)")
+    p.add_argument("--debuginfo", action="store_true",
+                   help="also vmlinux and System.map from linux-image-<release>-dbg (DWARF probes)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def run(ns: argparse.Namespace, gcfg: GlobalConfig, env: Mapping[str, str], o: TextIO,
+            e: TextIO) -> int:
+        strategy = ns.strategy or gcfg.strategy
+        if ns.command == "available":
+            result = {a.stap: kernels.available(_mirror(gcfg), gcfg.kernel_suites, a)
+                      for a in _arches(ns.arch)}
+            if ns.json:
+                print(json.dumps(result, indent=1), file=o)
+            else:
+                for arch, rels in result.items():
+                    for rel in rels:
+                        print(f"{arch}\t{rel}", file=o)
+            return EXIT_OK
+        client = _client(env)
+        if ns.command == "list":
+            trees = []
+            for image_arch in ALL:
+                store = kernels.TreeStore(client, _prefix(env), image_arch,
+                                          images.image_tag(gcfg, image_arch))
+                if images.status(client, gcfg, image_arch)[1] != "missing":
+                    trees += store.list()
+            if ns.json:
+                print(json.dumps([t.__dict__ for t in trees], indent=1), file=o)
+            else:
+                for t in trees:
+                    extra = " debuginfo" if t.debuginfo else ""
+                    print(f"{t.release}\t{t.arch}\timage {t.image_arch}{extra}", file=o)
+            return EXIT_OK
+        if not ns.arch or not ns.release:
+            raise UsageError(f"kernels {ns.command} needs -a ARCH and -r RELEASE")
+        for a in ns.arch:
+            target = Arch.parse(a)
+            store = _store(client, gcfg, target, strategy, env)
+            for rel in ns.release:
+                if ns.command == "add":
+                    store.add(_mirror(gcfg), gcfg.kernel_suites, target, rel,
+                              debuginfo=ns.debuginfo, say=_say(o))
+                elif not store.remove(rel):
+                    print(f"no kernel tree {rel} for the {store.image_arch} image", file=o)
+                else:
+                    print(f"removed kernel tree {rel} ({store.image_arch} image)", file=o)
+        return EXIT_OK
+
+    return _run(run, p, argv, environ, out, err)
+
+
+ACTIONS: dict[str, Action] = {
+    "images": images_action,
+    "kernels": kernels_action,
+}
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - debugging aid
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in ACTIONS:
+        print(f"usage: python -m farm.tools {{{','.join(ACTIONS)}}} ...", file=sys.stderr)
+        return EXIT_USAGE
+    return ACTIONS[args[0]](args[1:], dict(__import__("os").environ), sys.stdout, sys.stderr)
+
+
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
