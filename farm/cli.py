@@ -1,0 +1,498 @@
+"""The `stap-server` command: parse, resolve against what runs, plan, carry out, render."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fcntl
+import importlib
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TextIO
+
+from farm import statfile
+from farm.arch import Arch
+from farm.backend import Backend, RunningServer
+from farm.config import Host, ServerDraft, load_global, load_server_configs, resolve_server
+from farm.errors import (
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    ArchError,
+    FarmError,
+    KernelTreeError,
+    ServerError,
+    UsageError,
+)
+from farm.plan import Action, PlannedStep, Request, Step, needs_defaults, plan, status_exit_code
+from farm.render import PROG, USAGE, status_json, status_line, step_header
+from farm.spec import GlobalConfig, ServerConfig, Strategy
+
+_VALUE_SHORT = set("acBDInprRu")
+_UNSUPPORTED_SHORT = {
+    "P": "-P is not supported: stap-serverd cannot prompt for a certificate database password "
+         "without a terminal, and the farm's certificate databases have no password",
+    "k": "-k (keep the server's temporary files) is not supported by the farm",
+}
+# Options applied in turn to successive servers (the manual's lists), by ServerDraft field.
+_DISTRIBUTED = {"log": "log", "port": "port", "ssl": "ssl", "max-threads": "max_threads",
+                "max-request-size": "max_request_size",
+                "max-compressed-request": "max_compressed_request"}
+_VALUE_LONG = set(_DISTRIBUTED) | {"strategy"}
+_FLAG_LONG = {"json", "help"}
+
+
+@dataclass
+class Options:
+    """The command line after syntax checks, in order; nothing resolved yet."""
+
+    events: list[tuple[str, str]] = field(default_factory=list)  # per-server options, in order
+    lists: dict[str, list[str]] = field(default_factory=dict)  # distributed options
+    config_files: list[str] = field(default_factory=list)
+    json: bool = False
+    help: bool = False
+
+    @property
+    def names_servers(self) -> bool:
+        return bool(self.events) or any(self.lists.values())
+
+
+def parse_options(args: list[str], cwd: str) -> Options:
+    """Check the syntax of ARGS (everything after the action).
+
+    Raises:
+        UsageError: an unknown option, a missing or malformed value.
+    """
+    o = Options(lists={k: [] for k in _DISTRIBUTED})
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            if name in _FLAG_LONG:
+                if eq:
+                    raise UsageError(f"option --{name} takes no value")
+                o.json |= name == "json"
+                o.help |= name == "help"
+                continue
+            if name not in _VALUE_LONG:
+                close = difflib.get_close_matches(name, sorted(_VALUE_LONG | _FLAG_LONG), n=1)
+                hint = f"did you mean --{close[0]}?" if close else None
+                raise UsageError(f"unknown option --{name}", hint=hint)
+            if not eq:
+                if i >= len(args):
+                    raise UsageError(f"option --{name} needs a value")
+                value = args[i]
+                i += 1
+            _check_long(name, value)
+            if name in _DISTRIBUTED:
+                if name in ("log", "ssl"):
+                    value = os.path.join(cwd, value)  # relative to here, not to / (upstream)
+                o.lists[name].append(os.path.normpath(value) if name in ("log", "ssl")
+                                     else value)
+            else:
+                o.events.append((name, value))
+        elif arg.startswith("-") and len(arg) > 1 and arg != "--":
+            letter, value = arg[1], arg[2:]
+            if letter in ("h", "?") and not value:
+                o.help = True
+            elif letter in _UNSUPPORTED_SHORT and not value:
+                raise UsageError(_UNSUPPORTED_SHORT[letter])
+            elif letter == "i":
+                if value:
+                    raise UsageError(f"option -i takes no value (got '{arg}')")
+                o.events.append(("i", ""))
+            elif letter in _VALUE_SHORT:
+                if not value:
+                    if i >= len(args):
+                        raise UsageError(f"option -{letter} needs a value")
+                    value = args[i]
+                    i += 1
+                if letter == "c":
+                    o.config_files.append(os.path.join(cwd, value))
+                elif letter == "p" and not (value.isascii() and value.isdigit()
+                                            and int(value) > 0):
+                    raise UsageError(f"-p: '{value}' is not a process id")
+                elif letter == "u" and value == "root":
+                    raise UsageError("-u root: a compile server never runs as root "
+                                     "(stap-serverd refuses it); name an unprivileged user")
+                elif letter == "a":
+                    try:
+                        value = Arch.parse(value).stap
+                    except ArchError as e:
+                        raise UsageError(f"-a: {e.message}", hint=e.hint) from e
+                else:
+                    o.events.append((letter, value))
+                if letter == "a":
+                    o.events.append((letter, value))
+            else:
+                raise UsageError(f"unknown option {arg}")
+        else:
+            raise UsageError(f"unexpected argument '{arg}'")
+    return o
+
+
+def _check_long(name: str, value: str) -> None:
+    if name == "strategy":
+        if value.lower() not in {s.value for s in Strategy}:
+            raise UsageError(f"--strategy: '{value}' is not one of "
+                             + "|".join(s.value for s in Strategy))
+        return
+    if name in ("log", "ssl"):
+        if not value:
+            raise UsageError(f"--{name} needs a non-empty path")
+        return
+    lo, hi, what = {"port": (0, 65535, "a port number (0-65535)"),
+                    "max-threads": (0, None, "a thread count (0 or more)")}.get(
+        name, (1, None, "a size in bytes (1 or more)"))
+    if not (value.isascii() and value.isdigit() and int(value) >= lo
+            and (hi is None or int(value) <= hi)):
+        raise UsageError(f"--{name}: '{value}' is not {what}")
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+@dataclass
+class _Entry:
+    draft: ServerDraft
+    server: RunningServer | None = None  # selected by -p / -n of a running server
+    origin: str = "cli"  # cli | running | configured | new | unknown
+    nickname: str = ""
+    modified: bool = False
+
+
+class _Resolver:
+    """Turns the command line into `Request`s against the observed servers and the config."""
+
+    def __init__(self, action: Action, g: GlobalConfig, host: Host,
+                 observed: list[RunningServer]) -> None:
+        self.action, self.g, self.host, self.observed = action, g, host, observed
+        self._configured: list[ServerDraft] | None = None
+
+    def configured(self) -> list[ServerDraft]:
+        if self._configured is None:
+            self._configured = load_server_configs(self.g.config_path)
+        return self._configured
+
+    def requests(self, o: Options) -> list[Request] | None:
+        if not o.names_servers:
+            return None
+        entries: list[_Entry] = []
+        leading: list[tuple[str, str]] = []
+        for opt, value in o.events:
+            if opt in ("n", "p"):
+                entries.append(self._select(opt, value))
+                if len(entries) == 1:
+                    for ev in leading:
+                        self._apply(entries[0], *ev)
+            elif entries:
+                self._apply(entries[-1], opt, value)
+            else:
+                leading.append((opt, value))
+        if not entries:
+            entries.append(_Entry(ServerDraft()))
+            for ev in leading:
+                self._apply(entries[0], *ev)
+        live = [e for e in entries if e.origin != "unknown"]
+        for name, values in o.lists.items():
+            attr = _DISTRIBUTED[name]
+            for entry, value in zip(live, values):
+                entry.modified = True
+                setattr(entry.draft, attr, value if name in ("log", "ssl") else int(value))
+        return [self._request(e) for e in entries]
+
+    def _select(self, opt: str, value: str) -> _Entry:
+        if opt == "p":
+            pid = int(value)
+            for s in self.observed:
+                if s.pid == pid:
+                    return _Entry(ServerDraft.from_config(s.config), s, "running")
+            raise FarmError(f"No {PROG} running as pid {pid}")
+        named = [s for s in self.observed if s.nickname == value]
+        named.sort(key=lambda s: not s.running)
+        if named:
+            return _Entry(ServerDraft.from_config(named[0].config), named[0], "running")
+        for d in self.configured():
+            if d.nickname == value:
+                return _Entry(replace(d, releases=list(d.releases), build=list(d.build),
+                                      include=list(d.include), define=list(d.define)),
+                              origin="configured")
+        if self.action.start_like:
+            return _Entry(ServerDraft(nickname=value), origin="new")
+        return _Entry(ServerDraft(), origin="unknown", nickname=value)
+
+    def _apply(self, e: _Entry, opt: str, value: str) -> None:
+        if e.origin == "unknown":
+            return
+        e.modified = True
+        d = e.draft
+        if opt == "a":
+            d.arch = value
+        elif opt == "r":
+            if value.startswith("/") and not os.path.isfile(
+                    os.path.join(value, "include", "config", "kernel.release")):
+                raise KernelTreeError(f"Missing {value}/include/config/kernel.release",
+                                      hint="-r /PATH must be a configured kernel build tree")
+            d.releases.append(value)
+        elif opt == "i":
+            for release in self._installed_releases():
+                if release not in d.releases:
+                    d.releases.append(release)
+        elif opt == "I":
+            d.include.append(os.path.normpath(os.path.join(self.host.cwd, value)))
+        elif opt == "D":
+            d.define.append(value)
+        elif opt == "B":
+            d.build.append(value)
+        elif opt == "R":
+            d.runtime = os.path.normpath(os.path.join(self.host.cwd, value))
+        elif opt == "u":
+            d.user = value
+        elif opt == "strategy":
+            d.strategy = Strategy(value.lower())
+
+    def _installed_releases(self) -> list[str]:
+        base = self.g.modules_dir
+        try:
+            names = sorted(os.listdir(base))
+        except OSError as e:
+            raise KernelTreeError(f"-i: cannot list {base}: {e.strerror or e}") from e
+        found = [n for n in names if os.path.isdir(os.path.join(base, n, "build"))]
+        if not found:
+            raise KernelTreeError(f"-i: no kernel release with a build tree in {base}",
+                                  hint="install the kernel headers, or name releases with -r")
+        return found
+
+    def _request(self, e: _Entry) -> Request:
+        if e.origin == "unknown":
+            return Request(None, nickname=e.nickname)
+        if e.server is not None and not e.modified:
+            return Request(e.server.config, e.server)
+        config = resolve_server(e.draft, self.g, self.host)
+        if e.server is not None:
+            if config.identity() == e.server.config.identity():
+                return Request(config, e.server)
+            # A server derived from a running one is another server: it must not take the
+            # running one's name (upstream's intent: "a configuration based on a nicknamed
+            # configuration"); it is named by its PID.
+            config = replace(config, nickname="")
+        return Request(config)
+
+    def defaults(self) -> list[ServerConfig]:
+        """The configured servers, else one default server."""
+        drafts = self.configured() or [ServerDraft()]
+        return [resolve_server(d, self.g, self.host) for d in drafts]
+
+
+# --------------------------------------------------------------------------- running
+
+
+@contextlib.contextmanager
+def _locked(state_dir: str) -> Iterator[None]:
+    """Hold `<state_dir>/lock` so that two invocations never start duplicates."""
+    path = os.path.join(state_dir, "lock")
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise FarmError(f"cannot create the lock file {path}: {e.strerror or e}",
+                        hint="set STATE_DIR in the global configuration to a writable "
+                             "directory") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _make_backend(g: GlobalConfig, environ: Mapping[str, str]) -> Backend:
+    # Imported here: the Docker SDK is needed only when servers are really managed.
+    try:
+        module = importlib.import_module("farm.docker_backend")
+    except ImportError as e:
+        raise FarmError(f"the Docker backend is not available: {e}") from e
+    backend: Backend = module.DockerBackend.from_env(g, environ)
+    return backend
+
+
+class _Runner:
+    """Carries out planned steps, printing upstream's lines as each completes."""
+
+    def __init__(self, backend: Backend, out: TextIO, err: TextIO,
+                 servers: list[RunningServer]) -> None:
+        self.backend, self.out, self.err = backend, out, err
+        self.servers = list(servers)  # what runs after the steps done so far
+        self.first = True
+        self.rc = EXIT_OK
+
+    def _begin(self, text: str, newline: bool = True) -> None:
+        if not self.first:
+            self.out.write("\n")  # upstream ends each OK/FAILED with the next `echo`
+        self.first = False
+        self.out.write(text + ("\n" if newline else ""))
+        self.out.flush()
+
+    def _end(self, ok: bool) -> None:
+        self.out.write("OK" if ok else "FAILED")
+        self.out.flush()
+        if not ok:
+            self.rc = 1
+
+    def _error(self, e: FarmError) -> None:
+        self.out.flush()
+        for line in str(e).splitlines() or [""]:
+            self.err.write(f"{PROG}: {line}\n")
+        self.err.flush()
+
+    def run(self, steps: list[PlannedStep]) -> int:
+        for st in steps:
+            self.step(st)
+        if not self.first:
+            self.out.write("\n")
+        return self.rc
+
+    def step(self, st: PlannedStep) -> None:
+        k = st.kind
+        if k is Step.REMOVE_STALE:
+            assert st.server is not None
+            self._call_stop(st.server, quiet=True)
+        elif k is Step.NOTHING_TO_STOP:
+            self._begin(f"Stopping {PROG}: ", newline=False)
+            self._end(True)
+        elif k in (Step.ALREADY_RUNNING, Step.STOP_NOT_RUNNING, Step.SKIP_NOT_RUNNING,
+                   Step.NONE_RUNNING):
+            self._begin(step_header(st))
+            self._end(True)
+        elif k is Step.UNKNOWN_NICKNAME:
+            self._begin(step_header(st))
+            self._end(False)
+        elif k is Step.STOP:
+            assert st.server is not None
+            self._begin(step_header(st))
+            self._end(self._call_stop(st.server))
+        elif k is Step.START:
+            assert st.config is not None
+            self._begin(step_header(st))
+            self._end(self._call_start(st.config))
+
+    def _call_stop(self, server: RunningServer, quiet: bool = False) -> bool:
+        try:
+            self.backend.stop(server)
+        except ServerError as e:
+            if not quiet:
+                self._error(e)
+            return False
+        except FarmError:
+            if not quiet:
+                self._end(False)
+            raise
+        self.servers = [s for s in self.servers if s.container != server.container]
+        return True
+
+    def _call_start(self, config: ServerConfig) -> bool:
+        try:
+            started = self.backend.start(config)
+        except ServerError as e:
+            self._error(e)
+            return False
+        except FarmError:
+            self._end(False)
+            raise
+        self.servers.append(started)
+        return True
+
+
+def _sync_stat(stat_path: str, servers: list[RunningServer], err: TextIO, quiet: bool) -> None:
+    try:
+        statfile.sync(stat_path, servers)
+    except OSError as e:
+        if not quiet:
+            err.write(f"{PROG}: warning: cannot update the status files in {stat_path}: "
+                      f"{e.strerror or e}\n")
+
+
+def _run(action: Action, o: Options, g: GlobalConfig, host: Host, backend: Backend,
+         out: TextIO, err: TextIO) -> int:
+    observed = backend.list_servers()
+    resolver = _Resolver(action, g, host, observed)
+    requests = resolver.requests(o)
+    defaults = resolver.defaults() if needs_defaults(action, requests, observed) else []
+    steps = plan(action, requests, observed, defaults)
+    if action is Action.STATUS:
+        code = status_exit_code(steps)
+        if o.json:
+            out.write(status_json(steps, code))
+        else:
+            out.write("".join(status_line(st) + "\n" for st in steps))
+        _sync_stat(g.stat_path, observed, err, quiet=True)
+        return code
+    statfile.ensure_dir(g.stat_path)
+    runner = _Runner(backend, out, err, observed)
+    try:
+        return runner.run(steps)
+    finally:
+        _sync_stat(g.stat_path, runner.servers, err, quiet=False)
+
+
+def _dispatch(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO,
+              backend: Backend | None, host: Host | None) -> int:
+    if not argv:
+        err.write(USAGE)
+        return 2
+    name = argv[0]
+    if name in ("-h", "--help", "help"):
+        out.write(USAGE)
+        return EXIT_OK
+    from farm import tools  # the farm's own actions (images, kernels, trust...)
+
+    if name in tools.ACTIONS:
+        return tools.ACTIONS[name](argv[1:], environ, out, err)
+    if name == "reload":
+        err.write(f"{PROG}: reload is not supported; use force-reload\n")
+        return EXIT_NOT_RUNNING
+    try:
+        action = Action(name)
+    except ValueError:
+        names = [a.value for a in Action] + sorted(tools.ACTIONS)
+        close = difflib.get_close_matches(name, names, n=1)
+        raise UsageError(f"unknown action '{name}'",
+                         hint=f"did you mean '{close[0]}'?" if close else None) from None
+    host = host or Host.current()
+    o = parse_options(argv[1:], host.cwd)
+    if o.help:
+        out.write(USAGE)
+        return EXIT_OK
+    if o.json and action is not Action.STATUS:
+        raise UsageError("--json is only for status")
+    g = load_global(o.config_files, environ, euid=host.euid)
+    be = backend if backend is not None else _make_backend(g, environ)
+    if not action.mutating:
+        return _run(action, o, g, host, be, out, err)
+    with _locked(g.state_dir):
+        return _run(action, o, g, host, be, out, err)
+
+
+def main(argv: list[str], *, environ: Mapping[str, str] | None = None,
+         stdout: TextIO | None = None, stderr: TextIO | None = None,
+         backend: Backend | None = None, host: Host | None = None) -> int:
+    """Run `stap-server ARGV...` and return its exit code (never raises for user errors)."""
+    env = os.environ if environ is None else environ
+    out = sys.stdout if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    try:
+        return _dispatch(argv, env, out, err, backend, host)
+    except FarmError as e:
+        out.flush()
+        for line in str(e).splitlines() or [""]:
+            err.write(f"{PROG}: {line}\n")
+        if isinstance(e, UsageError):
+            err.write(f"Try '{PROG} --help' for more information.\n")
+        return e.exit_code
+
+
+def entry_point() -> None:
+    """The `stap-server` console script."""
+    sys.exit(main(sys.argv[1:]))
