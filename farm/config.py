@@ -77,9 +77,9 @@ def decode_config_bytes(data: bytes, path: str) -> str:
         raise ConfigError(f"{path}:{line}: not valid UTF-8 text") from e
 
 
-def split_lines(text: str, path: str, problems: list[str]) -> list[Assignment]:
-    """Parse TEXT into assignments; append `FILE:LINE: ...` to PROBLEMS for invalid lines."""
-    out: list[Assignment] = []
+def split_lines(text: str, path: str) -> list[Assignment | str]:
+    """Parse TEXT into assignments, in order, and a `FILE:LINE: ...` problem per invalid line."""
+    out: list[Assignment | str] = []
     # Split on "\n" only, as bash `read -r` does (str.splitlines also splits on \x0b, \x1c...).
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.removesuffix("\r")
@@ -88,7 +88,7 @@ def split_lines(text: str, path: str, problems: list[str]) -> list[Assignment]:
         if not stripped or stripped.startswith("#"):
             continue
         if "\0" in line:
-            problems.append(f"{where}: invalid line (contains a NUL byte)")
+            out.append(f"{where}: invalid line (contains a NUL byte)")
             continue
         eq = line.find("=")
         name = line[:eq] if eq > 0 else ""
@@ -98,7 +98,7 @@ def split_lines(text: str, path: str, problems: list[str]) -> list[Assignment]:
         if not _NAME.fullmatch(name):
             hint = " (no spaces around the name; this is not a shell script)" if (
                 line[:1].isspace() or (eq > 0 and line[:eq].strip() != line[:eq])) else ""
-            problems.append(f"{where}: invalid input \"{line}\": expected VARIABLE=VALUE{hint}")
+            out.append(f"{where}: invalid input \"{line}\": expected VARIABLE=VALUE{hint}")
             continue
         out.append(Assignment(name, append, line[eq + 1:], where))
     return out
@@ -176,8 +176,11 @@ def parse_server_text(text: str, path: str) -> ServerDraft:
     """
     problems: list[str] = []
     draft = ServerDraft(source=path)
-    for a in split_lines(text, path, problems):
-        _apply_server(draft, a, problems)
+    for a in split_lines(text, path):
+        if isinstance(a, str):
+            problems.append(a)
+        else:
+            _apply_server(draft, a, problems)
     if problems:
         raise ConfigError(problems)
     return draft
@@ -398,7 +401,10 @@ def parse_global_text(text: str, path: str, base: GlobalConfig, environ: Mapping
     problems: list[str] = []
     changes: dict[str, object] = {}
     defaults = GlobalConfig(config_path="", stat_path="", log_file="")
-    for a in split_lines(text, path, problems):
+    for a in split_lines(text, path):
+        if isinstance(a, str):
+            problems.append(a)
+            continue
         if a.name not in GLOBAL_VARIABLES:
             problems.append(_unknown(a, GLOBAL_VARIABLES))
             continue

@@ -1,0 +1,359 @@
+"""Configuration files: the manual's examples, defaults, every error, and arbitrary bytes."""
+
+from __future__ import annotations
+
+import pwd
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from farm import statfile
+from farm.config import (
+    Host,
+    ServerDraft,
+    decode_config_bytes,
+    default_global,
+    load_global,
+    load_server_configs,
+    parse_global_text,
+    parse_server_text,
+    resolve_server,
+)
+from farm.errors import ConfigError, FarmError
+from farm.spec import DEFAULT_MAX_REQUEST_SIZE, GlobalConfig, ServerConfig, Strategy
+
+HOST = Host(arch="x86_64", release="6.1.0-test", euid=1000, user="alice", cwd="/work")
+G = GlobalConfig(config_path="/c", stat_path="/s", log_file="/l/log")
+
+
+def problems(text: str, path: str = "f.conf") -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        parse_server_text(text, path)
+    return e.value.problems
+
+
+# --------------------------------------------------------------------------- manual examples
+
+
+def test_manual_example_native_blank_fields_take_defaults() -> None:
+    d = parse_server_text("ARCH=\nUSER=\nRELEASE=\nNICKNAME=native\n", "native.conf")
+    c = resolve_server(d, G, HOST)
+    assert (c.arch, c.releases, c.user, c.nickname, c.log) == (
+        "x86_64", ("6.1.0-test",), "alice", "native", "/l/log")
+
+
+def test_manual_example_specific_arch_i386_is_reported_with_file_and_line() -> None:
+    text = "ARCH=i386\nRELEASE=2.6.18-128.el5\nPORT=5001\nLOG=/path/to/log/file\n"
+    (msg,) = problems(text, "specific.conf")
+    assert msg.startswith("specific.conf:1: ARCH: unknown architecture 'i386'")
+    assert "x86_64" in msg  # the supported ones are listed
+
+
+def test_manual_example_specific_parses_for_a_supported_arch() -> None:
+    text = "ARCH=amd64\nRELEASE=2.6.18-128.el5\nPORT=5001\nLOG=/path/to/log/file\n"
+    c = resolve_server(parse_server_text(text, "s.conf"), G, HOST)
+    assert (c.arch, c.releases, c.port, c.log) == (
+        "x86_64", ("2.6.18-128.el5",), 5001, "/path/to/log/file")
+
+
+def test_manual_example_complicated_keeps_build_quotes() -> None:
+    text = ("USER=serveruser\n"
+            "RELEASE=/kernels/2.6.18-92.1.18.el5/build\n"
+            "INCLUDE=/mytapsets\n"
+            "INCLUDE+=/yourtapsets\n"
+            "BUILD='VARIABLE1=VALUE1 VARIABLE2=VALUE2'\n"
+            "DEFINE=STP_MAXMEMORY=1024\n"
+            "DEFINE+=DEBUG_TRANS\n"
+            "RUNTIME=/myruntime\n"
+            "NICKNAME=my-server\n"
+            "SSL=/path/to/NSS/certificate/database\n")
+    c = resolve_server(parse_server_text(text, "c.conf"), G, HOST)
+    assert c == ServerConfig(
+        arch="x86_64", releases=("/kernels/2.6.18-92.1.18.el5/build",),
+        build=("'VARIABLE1=VALUE1 VARIABLE2=VALUE2'",),
+        include=("/mytapsets", "/yourtapsets"), define=("STP_MAXMEMORY=1024", "DEBUG_TRANS"),
+        runtime="/myruntime", user="serveruser", nickname="my-server", log="/l/log",
+        ssl="/path/to/NSS/certificate/database", max_request_size=DEFAULT_MAX_REQUEST_SIZE,
+        max_compressed_request=c.max_compressed_request, source="c.conf")
+
+
+def test_manual_global_example_config_path_of_a_user(tmp_path: Path) -> None:
+    user = pwd.getpwuid(0).pw_name
+    home = pwd.getpwuid(0).pw_dir.rstrip("/")
+    g = parse_global_text(f"CONFIG_PATH=~{user}/my-stap-server-configs\n"
+                          "LOG_FILE=/tmp/stap-server/log\n", "g", G, {}, 1000)
+    assert g.config_path == f"{home}/my-stap-server-configs"
+    assert g.log_file == "/tmp/stap-server/log"
+    assert g.sources == ("g",)
+
+
+def test_global_tilde_alone_is_home() -> None:
+    g = parse_global_text("CONFIG_PATH=~/confs\nSTATE_DIR=~\n", "g", G, {"HOME": "/h/al"}, 1000)
+    assert (g.config_path, g.state_dir) == ("/h/al/confs", "/h/al")
+
+
+def test_global_tilde_unknown_user() -> None:
+    with pytest.raises(ConfigError, match=r"g:1: CONFIG_PATH: no such user in '~nosuchuser-x/a'"):
+        parse_global_text("CONFIG_PATH=~nosuchuser-x/a\n", "g", G, {}, 1000)
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def test_array_assign_resets_append_adds_empty_clears() -> None:
+    d = parse_server_text("DEFINE=A\nDEFINE+=B\nDEFINE=C\nDEFINE+=D\n", "f")
+    assert d.define == ["C", "D"]
+    assert parse_server_text("BUILD=x\nBUILD=\n", "f").build == []
+    assert parse_server_text("BUILD=x\nBUILD=()\n", "f").build == []
+    assert parse_server_text("RELEASE=a\nRELEASE+=b\n", "f").releases == ["a", "b"]
+
+
+def test_include_append_empty_is_ignored_upstream_off_by_one_fixed() -> None:
+    assert parse_server_text("INCLUDE=/a\nINCLUDE+=\n", "f").include == ["/a"]
+
+
+def test_values_are_literal_not_shell() -> None:
+    d = parse_server_text('DEFINE="X=1"  \nNICKNAME=$HOME # no\n', "f")
+    assert d.define == ['"X=1"  ']
+    assert d.nickname == "$HOME # no"
+
+
+def test_comments_blank_lines_and_crlf() -> None:
+    d = parse_server_text("# c\n\n   \n  # indented comment\r\nPORT=5001\r\n", "f")
+    assert d.port == 5001
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_all_problems_reported_in_one_pass_with_file_and_line() -> None:
+    text = "ARHC=x86_64\nPORT=abc\nnot a line\nMAXTHREADS=-1\nSTRATEGY=fast\nARCH+=arm64\n"
+    assert problems(text, "/c/a.conf") == [
+        "/c/a.conf:1: unknown variable 'ARHC' (did you mean ARCH?)",
+        "/c/a.conf:2: PORT: 'abc' is not a port number (0-65535)",
+        '/c/a.conf:3: invalid input "not a line": expected VARIABLE=VALUE',
+        "/c/a.conf:4: MAXTHREADS: '-1' is not a thread count (0 or more)",
+        "/c/a.conf:5: STRATEGY: 'fast' is not one of auto|native|cross|emulated",
+        "/c/a.conf:6: ARCH is not an array; write ARCH=arm64",
+    ]
+
+
+def test_unknown_variable_without_near_miss_has_no_hint() -> None:
+    assert problems("ZZZZZZ=1\n") == ["f.conf:1: unknown variable 'ZZZZZZ'"]
+
+
+def test_indented_assignment_is_explained() -> None:
+    (msg,) = problems("  PORT=5001\n")
+    assert "not a shell script" in msg and msg.startswith("f.conf:1:")
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("PORT=70000", "PORT: '70000' is not a port number"),
+    ("MAXREQSIZE=0", "MAXREQSIZE: '0' is not a size in bytes (1 or more)"),
+    ("MAXCOMPRESSEDREQ=1k", "MAXCOMPRESSEDREQ: '1k' is not a size in bytes"),
+    ("USER=root", "USER=root: a compile server never runs as root"),
+    ("LOG=relative/log", "LOG: 'relative/log' is not an absolute path"),
+    ("INCLUDE+=tapsets", "INCLUDE: 'tapsets' is not an absolute path"),
+    ("ARCH=sparc", "ARCH: unknown architecture 'sparc'"),
+    ("NICKNAME=a\0b", "contains a NUL byte"),
+])
+def test_bad_values(line: str, needle: str) -> None:
+    (msg,) = problems(line + "\n")
+    assert msg.startswith("f.conf:1: ") and needle in msg
+
+
+def test_arch_aliases_normalised() -> None:
+    assert parse_server_text("ARCH=aarch64\n", "f").arch == "arm64"
+    assert parse_server_text("STRATEGY=Cross\n", "f").strategy is Strategy.CROSS
+
+
+def test_not_utf8_names_the_line() -> None:
+    with pytest.raises(ConfigError, match=r"^f:2: not valid UTF-8 text$"):
+        decode_config_bytes(b"PORT=1\nNICKNAME=\xff\n", "f")
+
+
+def test_load_server_configs_sorted_and_problems_of_every_file(tmp_path: Path) -> None:
+    (tmp_path / "b.conf").write_text("NICKNAME=b\n")
+    (tmp_path / "a.conf").write_text("NICKNAME=a\n")
+    (tmp_path / "notes.txt").write_text("garbage\n")
+    assert [d.nickname for d in load_server_configs(str(tmp_path))] == ["a", "b"]
+    (tmp_path / "c.conf").write_text("PORT=x\n")
+    (tmp_path / "d.conf").write_text("BAD\n")
+    with pytest.raises(ConfigError) as e:
+        load_server_configs(str(tmp_path))
+    assert [p.split(":")[0] for p in e.value.problems] == [
+        str(tmp_path / "c.conf"), str(tmp_path / "d.conf")]
+
+
+def test_missing_config_path_means_no_configured_servers(tmp_path: Path) -> None:
+    assert load_server_configs(str(tmp_path / "nope")) == []
+
+
+def test_config_path_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="CONFIG_PATH is not a directory"):
+        load_server_configs(str(tmp_path / "f"))
+
+
+# --------------------------------------------------------------------------- global
+
+
+def test_defaults_for_root_are_upstreams() -> None:
+    g = default_global({}, 0)
+    assert (g.config_path, g.stat_path, g.log_file, g.state_dir) == (
+        "/etc/stap-server/conf.d", "/var/run/stap-server", "/var/log/stap-server/log",
+        "/var/lib/stapfarm")
+
+
+def test_defaults_for_a_user_are_per_user() -> None:
+    g = default_global({"HOME": "/home/al"}, 1000)
+    assert g.config_path == "/home/al/.config/stap-server/conf.d"
+    assert g.state_dir == "/home/al/.local/state/stapfarm"
+    assert g.stat_path.startswith(g.state_dir) and g.log_file.startswith(g.state_dir)
+    x = default_global({"HOME": "/h", "XDG_CONFIG_HOME": "/x/c", "XDG_STATE_HOME": "/x/s"}, 1)
+    assert (x.config_path, x.state_dir) == ("/x/c/stap-server/conf.d", "/x/s/stapfarm")
+
+
+def test_every_farm_variable(tmp_path: Path) -> None:
+    text = ("STRATEGY=cross\nIMAGE_PREFIX=reg/farm\nLISTEN_ADDRESS=::1\n"
+            "MDNS_INTERFACES=eth0 eth1\nMDNS_INTERFACES+=wlan0\nCERT_NAMES=a.example\n"
+            "MODULES_DIR=/mods\nSTATE_DIR=/st\nDEBIAN_MIRROR=http://mirror.example/debian/\n"
+            "KERNEL_SUITES=bookworm trixie\nAPT_ALLOW_EXPIRED=yes\nMEMORY_LIMIT=4G\n"
+            "PIDS_LIMIT=100\nCPUS=1.5\nTMPFS_SIZE=512m\nSTAP_USER=builder\n")
+    g = parse_global_text(text, "g", G, {}, 1000)
+    assert g.strategy is Strategy.CROSS and g.image_prefix == "reg/farm"
+    assert g.listen_address == "::1"
+    assert g.mdns_interfaces == ("eth0", "eth1", "wlan0")
+    assert g.cert_names == ("a.example",) and g.modules_dir == "/mods" and g.state_dir == "/st"
+    assert g.debian_mirror == "http://mirror.example/debian"
+    assert g.kernel_suites == ("bookworm", "trixie") and g.apt_allow_expired is True
+    assert (g.memory_limit, g.pids_limit, g.cpus, g.tmpfs_size) == ("4g", 100, 1.5, "512m")
+    assert g.stap_user == "builder"
+
+
+def test_global_empty_value_keeps_default() -> None:
+    g = parse_global_text("CONFIG_PATH=\nLOG_FILE=\nKERNEL_SUITES=\n", "g", G, {}, 1000)
+    assert (g.config_path, g.log_file, g.kernel_suites) == ("/c", "/l/log", ("trixie",))
+
+
+def test_global_errors_in_one_pass() -> None:
+    text = ("CONFIG_PAHT=/x\nSTAT_PATH=relative\nLISTEN_ADDRESS=everywhere\n"
+            "APT_ALLOW_EXPIRED=maybe\nMEMORY_LIMIT=lots\nPIDS_LIMIT=0\nCPUS=-2\n"
+            "STAP_USER=root\nSTRATEGY=x\nDEBIAN_MIRROR=ftp://x\nLOG_FILE+=/x\n")
+    with pytest.raises(ConfigError) as e:
+        parse_global_text(text, "/etc/g", G, {}, 1000)
+    p = e.value.problems
+    assert p[0] == "/etc/g:1: unknown variable 'CONFIG_PAHT' (did you mean CONFIG_PATH?)"
+    assert [x.split(":")[1] for x in p] == [str(n) for n in range(1, 12)]
+    assert "STAT_PATH: 'relative' is not an absolute path" in p[1]
+    assert "STAP_USER=root" in p[7]
+
+
+def test_load_global_order_default_file_then_c_files(tmp_path: Path) -> None:
+    default = tmp_path / "default"
+    default.write_text("CONFIG_PATH=/one\nLOG_FILE=/one/log\n")
+    c1 = tmp_path / "c1"
+    c1.write_text("CONFIG_PATH=/two\n")
+    c2 = tmp_path / "c2"
+    c2.write_text("CONFIG_PATH=/three\n")
+    env = {"STAPFARM_CONFIG_FILE": str(default), "HOME": str(tmp_path)}
+    g = load_global([str(c1), str(c2)], env, euid=1000)
+    assert (g.config_path, g.log_file) == ("/three", "/one/log")
+    assert g.sources == (str(default), str(c1), str(c2))
+
+
+def test_load_global_missing_default_is_fine_missing_c_file_is_not(tmp_path: Path) -> None:
+    env = {"STAPFARM_CONFIG_FILE": str(tmp_path / "absent"), "HOME": str(tmp_path)}
+    assert load_global([], env, euid=1000).sources == ()
+    assert load_global([], {"STAPFARM_CONFIG_FILE": "", "HOME": "/h"}, euid=1000).sources == ()
+    with pytest.raises(ConfigError, match=r"/nope\.conf: no such configuration file"):
+        load_global([str(tmp_path / "nope.conf")], env, euid=1000)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_global([str(tmp_path)], env, euid=1000)
+
+
+# --------------------------------------------------------------------------- stat files
+
+STAT_SAMPLE = """\
+ARCH=arm64
+USER=builder
+BUILD+='VARIABLE1=VALUE1 VARIABLE2=VALUE2'
+INCLUDE+=/mytapsets
+INCLUDE+=/yourtapsets
+DEFINE+=STP_MAXMEMORY=1024
+NICKNAME=10701
+RUNTIME=
+RELEASE+=/tmp/example/kb
+RELEASE+=5.10.0-test
+LOG=/tmp/example/g/log/server.log
+PORT=5001
+SSL=
+MAXTHREADS=
+MAXREQSIZE=
+MAXCOMPRESSEDREQ=
+"""
+
+
+def test_stat_file_renders_upstream_line_order() -> None:
+    c = ServerConfig(arch="arm64", releases=("/tmp/example/kb", "5.10.0-test"),
+                     build=("'VARIABLE1=VALUE1 VARIABLE2=VALUE2'",),
+                     include=("/mytapsets", "/yourtapsets"), define=("STP_MAXMEMORY=1024",),
+                     user="builder", log="/tmp/example/g/log/server.log", port=5001)
+    assert statfile.render(c, 10701) == STAT_SAMPLE
+
+
+def test_stat_file_parses_back_pid_nickname_means_none() -> None:
+    d = statfile.parse(STAT_SAMPLE, "/run/10701.stat")
+    assert d.nickname is None and d.port == 5001 and d.max_request_size is None
+    assert d.build == ["'VARIABLE1=VALUE1 VARIABLE2=VALUE2'"]
+    named = statfile.parse(STAT_SAMPLE.replace("NICKNAME=10701", "NICKNAME=nick"), "/r/1.stat")
+    assert named.nickname == "nick"
+
+
+def test_stat_write_is_atomic(tmp_path: Path) -> None:
+    statfile.write_atomic(str(tmp_path / "1.stat"), "ARCH=x86_64\n")
+    statfile.write_atomic(str(tmp_path / "1.stat"), "ARCH=arm64\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["1.stat"]
+    assert (tmp_path / "1.stat").read_text() == "ARCH=arm64\n"
+
+
+def test_draft_round_trip_from_config() -> None:
+    c = resolve_server(ServerDraft(arch="arm64", define=["A"], port=5000), G, HOST)
+    assert resolve_server(ServerDraft.from_config(c), G, HOST) == c
+
+
+# --------------------------------------------------------------------------- property
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_raise_only_farm_errors(data: bytes) -> None:
+    for parse in (lambda t: parse_server_text(t, "f.conf"),
+                  lambda t: parse_global_text(t, "g", G, {"HOME": "/h"}, 1000)):
+        try:
+            parse(decode_config_bytes(data, "f"))
+        except FarmError as e:
+            assert isinstance(e, ConfigError)
+            assert all(p.startswith(("f.conf:", "f:", "g:")) for p in e.problems)
+
+
+_LINES = st.lists(st.one_of(
+    st.sampled_from(["ARCH", "RELEASE", "BUILD", "INCLUDE", "PORT", "MAXTHREADS", "USER",
+                     "STRATEGY", "CONFIG_PATH", "CPUS", "ARHC", "LOG"]).flatmap(
+        lambda n: st.tuples(st.just(n), st.sampled_from(["=", "+="]), st.text(max_size=12))
+        .map(lambda t: "".join(t))),
+    st.text(max_size=20)), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_LINES)
+def test_structured_lines_raise_only_config_errors(lines: list[str]) -> None:
+    text = "\n".join(lines)
+    for parse in (lambda t: parse_server_text(t, "f.conf"),
+                  lambda t: parse_global_text(t, "g", G, {"HOME": "/h"}, 1000)):
+        try:
+            parse(text)
+        except ConfigError:
+            pass
