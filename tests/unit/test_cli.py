@@ -1,0 +1,598 @@
+"""`stap-server` in-process through main(argv): actions, options, output, errors, upstream bugs."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import Farm
+
+from farm import cli, tools
+from farm.config import Host
+from farm.errors import DockerUnavailable
+from farm.spec import (
+    DEFAULT_MAX_COMPRESSED_REQUEST as MCR,
+)
+from farm.spec import (
+    DEFAULT_MAX_REQUEST_SIZE as MRS,
+)
+from farm.spec import (
+    ServerConfig,
+    Strategy,
+)
+
+SIZES = f'--max-request-size "{MRS}" --max-compressed-request "{MCR}"'
+
+
+def opts(farm: Farm, *, arch: str = "x86_64", user: str = "alice", nick: str = "",
+         extra: str = "", release: str = "6.1.0-test") -> str:
+    n = f' -n "{nick}"' if nick else ""
+    return (f'-a "{arch}" -r "{release}" -u "{user}"{n} --log "{farm.log_file}"'
+            f'{extra} {SIZES}')
+
+
+def config(farm: Farm, **kw: object) -> ServerConfig:
+    base: dict[str, object] = {'arch': "x86_64", 'releases': ("6.1.0-test",), 'user': "alice",
+                                   'log': farm.log_file, 'max_request_size': MRS,
+                                   'max_compressed_request': MCR}
+    base.update(kw)
+    return ServerConfig(**base)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- start
+
+
+def test_start_default_server_output_stat_file_and_backend(farm: Farm) -> None:
+    r = farm.run("start")
+    assert (r.rc, r.err) == (0, "")
+    assert r.out == f"Starting stap-server {opts(farm)}\nOK\n"
+    assert farm.backend.started == [config(farm)]
+    assert farm.stat_files() == {"1000.stat": (
+        f"ARCH=x86_64\nUSER=alice\nNICKNAME=1000\nRUNTIME=\nRELEASE+=6.1.0-test\n"
+        f"LOG={farm.log_file}\nPORT=\nSSL=\nMAXTHREADS=\nMAXREQSIZE={MRS}\n"
+        f"MAXCOMPRESSEDREQ={MCR}\n")}
+    assert [c[0] for c in farm.backend.calls] == ["list", "start"]
+
+
+def test_start_of_a_running_identical_server_is_a_noop_success(farm: Farm) -> None:
+    farm.run("start")
+    r = farm.run("start")
+    assert (r.rc, r.out) == (0, f"Starting stap-server {opts(farm)}\nOK\n")
+    assert len(farm.backend.started) == 1
+
+
+def test_start_configured_servers_in_file_order_with_their_nicknames(farm: Farm) -> None:
+    farm.conf("b.conf", "ARCH=arm64\nNICKNAME=beta\n")
+    farm.conf("a.conf", "NICKNAME=alpha\nPORT=5001\n")
+    r = farm.run("start")
+    assert r.rc == 0
+    alpha = opts(farm, nick="alpha", extra=' --port "5001"')
+    beta = opts(farm, arch="arm64", nick="beta")
+    assert r.out == f"Starting stap-server {alpha}\nOK\nStarting stap-server {beta}\nOK\n"
+    assert [c.nickname for c in farm.backend.started] == ["alpha", "beta"]
+    assert farm.backend.started[0].source == str(farm.config_path / "a.conf")
+
+
+def test_start_every_option(farm: Farm) -> None:
+    tree = farm.root / "kb"
+    (tree / "include" / "config").mkdir(parents=True)
+    (tree / "include" / "config" / "kernel.release").write_text("5.10.0-test\n")
+    r = farm.run("start", "-a", "aarch64", "-r", str(tree), "-r", "5.10.0-test",
+                 "-I", "tapsets", "-I", "/abs/tap", "-D", "STP_MAXMEMORY=1024", "-D", "X",
+                 "-B", "V=1", "-R", "/rt", "-u", "bob", "--log", "logs/s.log",
+                 "--port", "5001", "--ssl=/db", "--max-threads", "4",
+                 "--max-request-size=1000", "--max-compressed-request", "500",
+                 "--strategy", "cross")
+    assert (r.rc, r.err) == (0, "")
+    work = farm.host.cwd
+    assert farm.backend.started == [ServerConfig(
+        arch="arm64", releases=(str(tree), "5.10.0-test"), build=("V=1",),
+        include=(f"{work}/tapsets", "/abs/tap"), define=("STP_MAXMEMORY=1024", "X"),
+        runtime="/rt", user="bob", log=f"{work}/logs/s.log", port=5001, ssl="/db",
+        max_threads=4, max_request_size=1000, max_compressed_request=500,
+        strategy=Strategy.CROSS)]
+    assert r.out == (
+        f'Starting stap-server -a "arm64" -r "{tree}" -r "5.10.0-test" -R "/rt" '
+        f'-D "STP_MAXMEMORY=1024" -D "X" -I "{work}/tapsets" -I "/abs/tap" -B "V=1" '
+        f'-u "bob" --log "{work}/logs/s.log" --port "5001" --ssl "/db" --max-threads "4" '
+        f'--max-request-size "1000" --max-compressed-request "500" --strategy "cross"\nOK\n')
+
+
+def test_attached_short_values_and_quotes_escaped(farm: Farm) -> None:
+    r = farm.run("start", "-aarm64", '-DMSG="a\\b"')
+    assert r.rc == 0
+    assert '-D "MSG=\\"a\\\\b\\""' in r.out
+    assert farm.backend.started[0].define == ('MSG="a\\b"',)
+
+
+def test_i_serves_every_release_with_a_build_tree(farm: Farm) -> None:
+    for rel, build in (("5.10.0-test", True), ("6.1.0-test", True), ("4.0-nobuild", False)):
+        (farm.modules_dir / rel).mkdir(parents=True)
+        if build:
+            (farm.modules_dir / rel / "build").mkdir()
+    r = farm.run("start", "-i")
+    assert r.rc == 0
+    assert farm.backend.started[0].releases == ("5.10.0-test", "6.1.0-test")
+
+
+def test_i_without_build_trees(farm: Farm) -> None:
+    farm.modules_dir.mkdir(parents=True)
+    r = farm.run("start", "-i")
+    assert r.rc == 1
+    assert r.err.startswith(f"stap-server: -i: no kernel release with a build tree in "
+                            f"{farm.modules_dir}")
+
+
+def test_r_build_tree_without_kernel_release(farm: Farm) -> None:
+    r = farm.run("start", "-r", "/no/such/tree")
+    assert r.rc == 1 and farm.backend.started == []
+    assert r.err.startswith("stap-server: Missing /no/such/tree/include/config/kernel.release")
+
+
+def test_n_unknown_on_start_names_the_new_server(farm: Farm) -> None:
+    r = farm.run("start", "-n", "fresh")
+    assert r.rc == 0 and farm.backend.started[0].nickname == "fresh"
+    assert farm.run("status", "-n", "fresh").rc == 0
+
+
+def test_n_configured_with_later_options_is_like_it_for_another_arch(farm: Farm) -> None:
+    farm.conf("native.conf", "ARCH=\nUSER=\nRELEASE=\nNICKNAME=native\nDEFINE=A\n")
+    r = farm.run("start", "-n", "native", "-a", "aarch64")
+    assert r.rc == 0
+    (c,) = farm.backend.started
+    assert (c.arch, c.define, c.nickname) == ("arm64", ("A",), "native")
+
+
+def test_n_running_with_other_arch_is_a_new_server_named_by_pid(farm: Farm) -> None:
+    farm.run("start", "-n", "native", "-D", "A")
+    r = farm.run("start", "-n", "native", "-a", "arm64")
+    assert r.rc == 0
+    new = farm.backend.started[1]
+    assert (new.arch, new.define, new.nickname) == ("arm64", ("A",), "")
+    assert len(farm.backend.servers) == 2
+
+
+def test_multi_server_lists_apply_in_turn(farm: Farm) -> None:
+    r = farm.run("start", "-n", "a", "-n", "b", "-n", "c", "--port", "5001", "--port=5002",
+                 "--log", "/logs/a", "--ssl", "/db/a")
+    assert r.rc == 0
+    a, b, c = farm.backend.started
+    assert (a.nickname, a.port, a.log, a.ssl) == ("a", 5001, "/logs/a", "/db/a")
+    assert (b.nickname, b.port, b.log, b.ssl) == ("b", 5002, farm.log_file, "")
+    assert (c.nickname, c.port, c.log, c.ssl) == ("c", None, farm.log_file, "")
+
+
+def test_options_before_the_first_n_apply_to_it(farm: Farm) -> None:
+    farm.run("start", "-D", "X", "-n", "a", "-n", "b")
+    a, b = farm.backend.started
+    assert (a.define, b.define) == (("X",), ())
+
+
+def test_default_user_is_invoking_user_or_stap_user(farm: Farm) -> None:
+    farm.global_file.write_text(farm.global_file.read_text() + "STAP_USER=builder\n")
+    farm.run("start")
+    assert farm.backend.started[0].user == "builder"
+
+
+def test_root_without_u_runs_servers_as_stap_server(farm: Farm) -> None:
+    r = farm.run("start", host=farm.as_root())
+    assert r.rc == 0 and farm.backend.started[0].user == "stap-server"
+    farm.run("start", "-u", "bob", "-a", "arm64", host=farm.as_root())
+    assert farm.backend.started[1].user == "bob"
+
+
+def test_u_root_is_refused(farm: Farm) -> None:
+    r = farm.run("start", "-u", "root", host=farm.as_root())
+    assert r.rc == 2 and farm.backend.calls == []
+    assert "-u root: a compile server never runs as root" in r.err
+
+
+def test_start_failure_prints_failed_and_the_reason(farm: Farm) -> None:
+    farm.backend.fail_start = lambda c: "server exited: NSS error (log tail: boom)"
+    r = farm.run("start", "-n", "a", "-n", "b")
+    assert r.rc == 1
+    assert r.out.count("FAILED") == 2 and "OK" not in r.out
+    assert r.err == "stap-server: server exited: NSS error (log tail: boom)\n" * 2
+    assert farm.stat_files() == {}
+
+
+def test_docker_unavailable_is_one_line_not_a_traceback(farm: Farm) -> None:
+    def boom() -> list[object]:
+        raise DockerUnavailable("cannot reach the Docker engine",
+                                hint="is the docker service running?")
+    farm.backend.list_servers = boom  # type: ignore[assignment,method-assign]
+    r = farm.run("status")
+    assert (r.rc, r.out) == (1, "")
+    assert r.err == ("stap-server: cannot reach the Docker engine "
+                     "(is the docker service running?)\n")
+
+
+def test_start_takes_the_lock(farm: Farm) -> None:
+    seen: list[bool] = []
+
+    def check(_: ServerConfig) -> None:
+        fd = os.open(farm.state_dir / "lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append(False)
+        except BlockingIOError:
+            seen.append(True)
+        finally:
+            os.close(fd)
+    farm.backend.on_start = check
+    farm.run("start")
+    assert seen == [True]
+
+
+# --------------------------------------------------------------------------- stop
+
+
+def test_stop_all_and_stat_files_removed(farm: Farm) -> None:
+    farm.run("start", "-n", "a")
+    farm.run("start", "-n", "b")
+    assert set(farm.stat_files()) == {"1000.stat", "1001.stat"}
+    r = farm.run("stop")
+    assert r.rc == 0
+    assert r.out == (f"Stopping stap-server {opts(farm, nick='a')}\nOK\n"
+                     f"Stopping stap-server {opts(farm, nick='b')}\nOK\n")
+    assert farm.backend.servers == {} and farm.stat_files() == {}
+
+
+def test_stop_with_nothing_running(farm: Farm) -> None:
+    r = farm.run("stop")
+    assert (r.rc, r.out) == (0, "Stopping stap-server: OK\n")
+
+
+def test_stop_listed_not_running_is_success(farm: Farm) -> None:
+    r = farm.run("stop", "-a", "arm64")
+    assert (r.rc, r.out) == (0, f"Stopping stap-server {opts(farm, arch='arm64')}\nOK\n")
+    assert farm.backend.stopped == []
+
+
+def test_stop_unknown_nickname_fails(farm: Farm) -> None:
+    r = farm.run("stop", "-n", "ghost")
+    assert (r.rc, r.out) == (1, "No configuration found for the nickname 'ghost'\nFAILED\n")
+
+
+def test_stop_unknown_pid(farm: Farm) -> None:
+    r = farm.run("stop", "-p", "4242")
+    assert (r.rc, r.out, r.err) == (1, "", "stap-server: No stap-server running as pid 4242\n")
+
+
+def test_stop_failure(farm: Farm) -> None:
+    farm.run("start")
+    farm.backend.fail_stop = lambda s: "container would not stop"
+    r = farm.run("stop")
+    assert r.rc == 1 and r.out.endswith("\nFAILED\n")
+    assert r.err == "stap-server: container would not stop\n"
+    assert set(farm.stat_files()) == {"1000.stat"}
+
+
+def test_stale_stat_files_are_cleaned(farm: Farm) -> None:
+    farm.stat_path.mkdir(parents=True)
+    (farm.stat_path / "77.stat").write_text("ARCH=x86_64\n")
+    (farm.stat_path / "notes").write_text("kept\n")
+    farm.run("start")
+    assert set(farm.stat_files()) == {"1000.stat", "notes"}
+
+
+def test_stat_dir_cannot_be_made(farm: Farm) -> None:
+    blocker = farm.root / "file"
+    blocker.write_text("")
+    farm.global_file.write_text(farm.global_file.read_text() + f"STAT_PATH={blocker}/run\n")
+    r = farm.run("start")
+    assert r.rc == 1 and farm.backend.started == []
+    assert r.err.startswith(f"stap-server: Failed to make stat directory ({blocker}/run)")
+
+
+# --------------------------------------------------------------------------- restart family
+
+
+def test_restart_with_nothing_running_behaves_like_start(farm: Farm) -> None:
+    r = farm.run("restart")
+    assert r.rc == 0
+    assert r.out == f"Stopping stap-server: OK\nStarting stap-server {opts(farm)}\nOK\n"
+
+
+def test_restart_running_servers(farm: Farm) -> None:
+    farm.run("start", "-n", "a", "--port", "5001")
+    r = farm.run("restart")
+    assert r.rc == 0
+    assert [c[0] for c in farm.backend.calls[-3:]] == ["list", "stop", "start"]
+    (s,) = farm.backend.servers.values()
+    assert (s.pid, s.config.nickname, s.config.port) == (1001, "a", 5001)
+    assert set(farm.stat_files()) == {"1001.stat"}
+
+
+def test_restart_listed_nickname(farm: Farm) -> None:
+    farm.run("start", "-n", "a")
+    farm.run("start", "-n", "b")
+    assert farm.run("restart", "-n", "b").rc == 0
+    assert sorted(s.pid for s in farm.backend.servers.values()) == [1000, 1002]
+
+
+@pytest.mark.parametrize("action", ["condrestart", "try-restart"])
+def test_condrestart_with_nothing_running(farm: Farm, action: str) -> None:
+    r = farm.run(action)
+    assert (r.rc, r.out) == (0, "No managed stap-server is running\nOK\n")
+    assert farm.backend.started == []
+
+
+def test_condrestart_skips_stopped_and_restarts_running(farm: Farm) -> None:
+    farm.conf("x.conf", "NICKNAME=x\n")
+    farm.run("start", "-n", "a")
+    r = farm.run("condrestart", "-n", "x", "-n", "a")
+    assert r.rc == 0
+    assert r.out.startswith(f"stap-server {opts(farm, nick='x')} is not running\nOK\n"
+                            "Stopping stap-server")
+    assert [c.nickname for c in farm.backend.started] == ["a", "a"]
+
+
+def test_condrestart_unknown_nickname(farm: Farm) -> None:
+    r = farm.run("try-restart", "-n", "ghost")
+    assert (r.rc, r.out) == (1, "No configuration found for the nickname 'ghost'\nFAILED\n")
+
+
+def test_force_reload_stops_all_and_starts_configured(farm: Farm) -> None:
+    farm.run("start", "-a", "arm64")
+    farm.conf("n.conf", "NICKNAME=n\n")
+    r = farm.run("force-reload")
+    assert r.rc == 0
+    assert [s.config.nickname for s in farm.backend.servers.values()] == ["n"]
+    assert r.out.startswith("Stopping stap-server -a \"arm64\"")
+
+
+def test_reload_is_not_supported(farm: Farm) -> None:
+    r = farm.run("reload")
+    assert (r.rc, r.err) == (3, "stap-server: reload is not supported; use force-reload\n")
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_status_lines_and_exit_codes(farm: Farm) -> None:
+    r = farm.run("status")
+    assert (r.rc, r.out) == (3, "No managed stap-server is running\n")
+    farm.run("start")
+    r = farm.run("status")
+    assert (r.rc, r.out) == (0, f"stap-server {opts(farm, nick='1000')} running as PID 1000\n")
+    r = farm.run("status", "-a", "arm64")
+    assert (r.rc, r.out) == (3, f"stap-server {opts(farm, arch='arm64')} is not running\n")
+    r = farm.run("status", "-n", "ghost")
+    assert (r.rc, r.out) == (3, "No configuration found for the nickname 'ghost'\n")
+
+
+def test_status_stale_server(farm: Farm) -> None:
+    farm.backend.add(config(farm), pid=55, running=False)
+    r = farm.run("status")
+    assert r.rc == 1
+    assert r.out == (f"stap-server {opts(farm, nick='55')} started as PID 55 is no longer "
+                     "running\n")
+
+
+def test_status_json(farm: Farm) -> None:
+    farm.run("start", "-n", "a", "--port", "5001")
+    r = farm.run("status", "--json", "-n", "a", "-n", "ghost")
+    assert r.rc == 3
+    doc = json.loads(r.out)
+    assert doc["exit_code"] == 3
+    a, ghost = doc["servers"]
+    assert (a["state"], a["nickname"], a["pid"], a["port"]) == ("running", "a", 1000, 5001)
+    assert a["config"]["arch"] == "x86_64" and a["config"]["releases"] == ["6.1.0-test"]
+    assert ghost == {"state": "unknown", "nickname": "ghost", "pid": None, "port": None,
+                     "container": None, "certinfo": None, "config": None}
+    assert json.loads(farm.run("status", "--json").out)["exit_code"] == 0
+
+
+def test_json_only_for_status(farm: Farm) -> None:
+    r = farm.run("start", "--json")
+    assert r.rc == 2 and "--json is only for status" in r.err
+
+
+def test_status_takes_no_lock(farm: Farm) -> None:
+    farm.run("status")
+    assert not (farm.state_dir / "lock").exists()
+
+
+# --------------------------------------------------------------------------- usage & config errors
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["start", "-x"], "unknown option -x"),
+    (["start", "--prot", "1"], "unknown option --prot (did you mean --port?)"),
+    (["start", "-a"], "option -a needs a value"),
+    (["start", "--port"], "option --port needs a value"),
+    (["start", "--port", "http"], "--port: 'http' is not a port number (0-65535)"),
+    (["start", "--port=70000"], "--port: '70000' is not a port number"),
+    (["start", "--max-threads", "-1"], "--max-threads: '-1' is not a thread count"),
+    (["start", "--max-request-size", "0"], "--max-request-size: '0' is not a size in bytes"),
+    (["start", "--strategy", "fast"], "--strategy: 'fast' is not one of"),
+    (["start", "-a", "sparc"], "-a: unknown architecture 'sparc'"),
+    (["stop", "-p", "abc"], "-p: 'abc' is not a process id"),
+    (["start", "extra"], "unexpected argument 'extra'"),
+    (["start", "-ifoo"], "option -i takes no value"),
+    (["start", "--json=1"], "option --json takes no value"),
+    (["start", "--log="], "--log needs a non-empty path"),
+    (["strat"], "unknown action 'strat' (did you mean 'start'?)"),
+])
+def test_usage_errors_exit_2(farm: Farm, argv: list[str], message: str) -> None:
+    r = farm.run(*argv)
+    assert r.rc == 2 and r.out == ""
+    first, hint = r.err.splitlines()
+    assert first.startswith(f"stap-server: {message}")
+    assert hint == "Try 'stap-server --help' for more information."
+    assert farm.backend.calls == []
+
+
+def test_no_action_prints_usage_and_exits_2(farm: Farm) -> None:
+    r = farm.run()
+    assert r.rc == 2 and r.err.startswith("Usage: stap-server {start|stop|restart|")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["start", "--help"], ["status", "-h"]])
+def test_help(farm: Farm, argv: list[str]) -> None:
+    r = farm.run(*argv)
+    assert r.rc == 0 and r.out.startswith("Usage: stap-server")
+    assert f"the default is {MRS} bytes" in r.out and "50000 and 5000" in r.out
+    assert farm.backend.calls == []
+
+
+def test_config_errors_name_file_and_line_exit_1(farm: Farm) -> None:
+    path = farm.conf("bad.conf", "ARHC=x86_64\nPORT=x\n")
+    r = farm.run("start")
+    assert r.rc == 1 and farm.backend.started == []
+    assert r.err == (f"stap-server: {path}:1: unknown variable 'ARHC' (did you mean ARCH?)\n"
+                     f"stap-server: {path}:2: PORT: 'x' is not a port number (0-65535)\n")
+
+
+def test_global_config_error(farm: Farm) -> None:
+    farm.global_file.write_text("LOGFILE=/x\n")
+    r = farm.run("status")
+    assert r.rc == 1
+    assert r.err == (f"stap-server: {farm.global_file}:1: unknown variable 'LOGFILE' "
+                     "(did you mean LOG_FILE?)\n")
+
+
+def test_c_missing_file(farm: Farm) -> None:
+    r = farm.run("start", "-c", "/nonexistent/stap.conf")
+    assert (r.rc, r.err) == (1, ("stap-server: /nonexistent/stap.conf: no such configuration "
+                                "file\n"))
+
+
+def test_c_is_read_before_n_is_resolved(farm: Farm) -> None:
+    other = farm.root / "other.d"
+    other.mkdir()
+    (other / "x.conf").write_text("NICKNAME=x\nARCH=arm64\n")
+    c = farm.root / "extra.conf"
+    c.write_text(f"CONFIG_PATH={other}\n")
+    r = farm.run("start", "-n", "x", "-c", str(c))
+    assert r.rc == 0 and farm.backend.started[0].arch == "arm64"
+
+
+def test_unreadable_conf_via_hypothesis_style_bytes(farm: Farm) -> None:
+    farm.config_path.mkdir(parents=True)
+    (farm.config_path / "bin.conf").write_bytes(b"PORT=1\n\xff\xfe\x00\n")
+    r = farm.run("start")
+    assert r.rc == 1 and "bin.conf:2: not valid UTF-8 text" in r.err
+
+
+def test_farm_tool_actions_are_dispatched(farm: Farm, monkeypatch: pytest.MonkeyPatch) -> None:
+    got: list[object] = []
+
+    def fake(argv: list[str], environ: object, out: io.StringIO, err: object) -> int:
+        got.append((argv, environ))
+        out.write("tool ran\n")
+        return 7
+    monkeypatch.setitem(tools.ACTIONS, "frobnicate", fake)
+    r = farm.run("frobnicate", "--x", "y")
+    assert (r.rc, r.out) == (7, "tool ran\n")
+    assert got == [(["--x", "y"], farm.environ)]
+
+
+def test_backend_is_built_lazily_from_docker_backend(farm: Farm,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[object] = []
+
+    class Module:
+        class DockerBackend:
+            @staticmethod
+            def from_env(g: object, environ: object) -> object:
+                built.append((g, environ))
+                return farm.backend
+
+    monkeypatch.setattr(cli.importlib, "import_module",
+                        lambda name: Module if name == "farm.docker_backend" else None)
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["status"], environ=farm.environ, stdout=out, stderr=err,
+                    host=farm.host) == 3
+    assert len(built) == 1
+    assert cli.main(["--help"], environ=farm.environ, stdout=out, stderr=err) == 0
+    assert len(built) == 1
+
+
+def test_missing_docker_backend_is_a_farm_error(farm: Farm,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(name: str) -> object:
+        raise ImportError(f"No module named '{name}'")
+    monkeypatch.setattr(cli.importlib, "import_module", missing)
+    out, err = io.StringIO(), io.StringIO()
+    rc = cli.main(["status"], environ=farm.environ, stdout=out, stderr=err, host=farm.host)
+    assert rc == 1 and err.getvalue().startswith("stap-server: the Docker backend is not")
+
+
+# --------------------------------------------------------------------------- upstream bugs (§1.11)
+
+
+def test_bug1_stop_p_really_stops_a_server_started_with_port(farm: Farm) -> None:
+    farm.run("start", "-n", "web", "--port", "5001", "--ssl", "/db", "--max-threads", "2")
+    assert farm.run("status", "-n", "web").rc == 0
+    r = farm.run("stop", "-p", "1000")
+    assert r.rc == 0 and [s.pid for s in farm.backend.stopped] == [1000]
+    assert farm.backend.servers == {}
+
+
+def test_bug2_n_of_running_server_neither_duplicates_arrays_nor_drops_nickname(
+        farm: Farm) -> None:
+    farm.run("start", "-n", "x", "-D", "FOO=1", "-I", "/t")
+    r = farm.run("start", "-n", "x")
+    assert r.rc == 0 and len(farm.backend.started) == 1
+    assert r.out == (f'Starting stap-server -a "x86_64" -r "6.1.0-test" -D "FOO=1" -I "/t" '
+                     f'-u "alice" -n "x" --log "{farm.log_file}" {SIZES}\nOK\n')
+
+
+def test_bug3_nicknames_in_conf_files_are_honoured(farm: Farm) -> None:
+    farm.conf("n.conf", "NICKNAME=native\nLOG=/logs/native\nPORT=5005\n")
+    farm.run("start")
+    assert farm.backend.started[0].nickname == "native"
+    assert "NICKNAME=native\n" in farm.stat_files()["1000.stat"]
+    assert farm.run("stop", "-n", "native").rc == 0 and farm.backend.servers == {}
+
+
+def test_bug4_liveness_is_the_backends_not_a_pid_substring(farm: Farm) -> None:
+    farm.backend.add(config(farm, nickname="dead"), pid=12, running=False)
+    farm.backend.add(config(farm, nickname="live"), pid=123)
+    r = farm.run("status", "-p", "12")
+    assert r.rc == 1 and "started as PID 12 is no longer running" in r.out
+    assert farm.run("status", "-p", "123").rc == 0
+
+
+def test_bug5_a_server_that_dies_at_start_is_failed_not_ok(farm: Farm) -> None:
+    farm.backend.fail_start = lambda c: "stap-serverd exited before listening"
+    r = farm.run("start")
+    assert (r.rc, r.out) == (1, f"Starting stap-server {opts(farm)}\nFAILED\n")
+    assert "exited before listening" in r.err and farm.stat_files() == {}
+
+
+def test_bug6_relative_paths_resolve_from_the_working_directory(farm: Farm) -> None:
+    (farm.modules_dir / "6.1.0-test" / "build").mkdir(parents=True)
+    work = Path(farm.host.cwd)
+    (work / "my.conf").write_text(f"LOG_FILE={work}/default.log\n")
+    r = farm.run("start", "-i", "-c", "my.conf", "--log", "srv.log", "--ssl", "db")
+    assert r.rc == 0
+    (c,) = farm.backend.started
+    assert (c.log, c.ssl) == (f"{work}/srv.log", f"{work}/db")
+    assert farm.run("start", "-c", "my.conf", "-a", "arm64").rc == 0
+    assert farm.backend.started[1].log == f"{work}/default.log"
+
+
+def test_bug7_P_is_refused_with_the_reason(farm: Farm) -> None:
+    r = farm.run("start", "-P")
+    assert r.rc == 2 and "cannot prompt for a certificate database password" in r.err
+    assert farm.backend.calls == []
+    assert farm.run("start", "-k").rc == 2
+
+
+def test_bug8_certificates_do_not_depend_on_home(farm: Farm) -> None:
+    env = {k: v for k, v in farm.environ.items() if k != "HOME"}
+    env["SYSTEMTAP_DIR"] = "/elsewhere"
+    out, err = io.StringIO(), io.StringIO()
+    rc = cli.main(["start"], environ=env, stdout=out, stderr=err, backend=farm.backend,
+                  host=Host(arch="x86_64", release="6.1.0-test", euid=1000, user="alice",
+                            cwd=farm.host.cwd))
+    assert (rc, err.getvalue()) == (0, "")
+    assert "Failed to make certificates" not in out.getvalue()
+    assert farm.backend.started[0].ssl == ""  # the backend's own certificate database
