@@ -118,14 +118,12 @@ def parse_options(args: list[str], cwd: str) -> Options:
                 elif letter == "u" and value == "root":
                     raise UsageError("-u root: a compile server never runs as root "
                                      "(stap-serverd refuses it); name an unprivileged user")
-                elif letter == "a":
-                    try:
-                        value = Arch.parse(value).stap
-                    except ArchError as e:
-                        raise UsageError(f"-a: {e.message}", hint=e.hint) from e
                 else:
-                    o.events.append((letter, value))
-                if letter == "a":
+                    if letter == "a":
+                        try:
+                            value = Arch.parse(value).stap
+                        except ArchError as e:
+                            raise UsageError(f"-a: {e.message}", hint=e.hint) from e
                     o.events.append((letter, value))
             else:
                 raise UsageError(f"unknown option {arg}")
