@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Farm
+from clifakes import Farm
 
 from farm import cli, tools
 from farm.config import Host
@@ -504,7 +504,7 @@ def test_backend_is_built_lazily_from_docker_backend(farm: Farm,
                 built.append((g, environ))
                 return farm.backend
 
-    monkeypatch.setattr(cli.importlib, "import_module",
+    monkeypatch.setattr("farm.cli.importlib.import_module",
                         lambda name: Module if name == "farm.docker_backend" else None)
     out, err = io.StringIO(), io.StringIO()
     assert cli.main(["status"], environ=farm.environ, stdout=out, stderr=err,
@@ -518,7 +518,7 @@ def test_missing_docker_backend_is_a_farm_error(farm: Farm,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     def missing(name: str) -> object:
         raise ImportError(f"No module named '{name}'")
-    monkeypatch.setattr(cli.importlib, "import_module", missing)
+    monkeypatch.setattr("farm.cli.importlib.import_module", missing)
     out, err = io.StringIO(), io.StringIO()
     rc = cli.main(["status"], environ=farm.environ, stdout=out, stderr=err, host=farm.host)
     assert rc == 1 and err.getvalue().startswith("stap-server: the Docker backend is not")
