@@ -1,0 +1,430 @@
+"""Session-level fixtures for tests that use the real Docker engine, and helpers they share.
+
+Everything a test creates in Docker (containers, volumes, networks) carries the label
+`org.stapfarm.test=<session id>` (farm.labels.TEST); the `test_label` fixture's finalizer
+removes all of it at the end of the session, containers first, then networks, then volumes,
+whatever happened. Resources a test did not create are never touched.
+
+Fixtures (all session-scoped):
+    docker_client    a docker.DockerClient (fails when no engine, unless
+                     STAPFARM_ALLOW_NO_DOCKER=1, then the test is skipped)
+    test_label       the session id carried by every test resource
+    test_prefix      `stapfarmtest<id>`: the farm resource prefix (STAPFARM_PREFIX) of tests
+    session_dir      a temporary directory for the session (mirror caches, config files)
+    mirror           farm.debian.Mirror for the farm's Debian mirror, cached under session_dir
+    releases         {"x86_64": newest trixie amd64 release, "arm64": newest arm64 release}
+    server_images    {"x86_64": tag, "arm64": tag} of the farm's server images (must exist)
+    kernel_trees     KernelTrees: lazily built trees, at most once per session
+    farm_environ     environ for farm.tools actions (test prefix, test label, private state)
+    test_network     a labelled bridge network
+
+Helpers (import with `from tests.conftest import run_stap, elf_machine, vermagic`):
+    run_stap(docker_client, image, volume, args, files=None, platform=None, *,
+             test_label=None, timeout=1800) -> (exit_code, output, {name: module bytes})
+    elf_machine(data) -> int          vermagic(data) -> str
+    cleanup_label(docker_client, label) -> list[str]   (problems; [] when all went)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import sys
+import tarfile
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `import tests.support.client` however pytest was started
+    sys.path.insert(0, str(REPO))
+
+from farm import images, kernels, labels
+from farm.arch import ARM64, X86_64, Arch
+from farm.debian import Mirror
+from farm.errors import DockerUnavailable
+
+SUITES = ("trixie",)  # Debian 13: the kernels the issue asks the farm to build for
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+WORK = "/work"  # where run_stap's per-run volume is mounted; stap runs in WORK/m
+
+
+# --------------------------------------------------------------------------- engine
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Any:
+    """The Docker engine. Unreachable is a failure: CI must not pass by skipping."""
+    try:
+        from farm.dockerclient import connect
+
+        client = connect()
+    except DockerUnavailable as e:
+        if os.environ.get("STAPFARM_ALLOW_NO_DOCKER") == "1":
+            pytest.skip(f"no Docker engine (STAPFARM_ALLOW_NO_DOCKER=1): {e}")
+        pytest.fail(f"no Docker engine: {e} (set STAPFARM_ALLOW_NO_DOCKER=1 to skip these "
+                    "tests instead)", pytrace=False)
+    yield client
+    client.close()
+
+
+def cleanup_label(client: Any, label: str) -> list[str]:
+    """Remove every container, network and volume labelled org.stapfarm.test=LABEL.
+
+    Returns what could not be removed (empty when everything went).
+    """
+    import docker.errors
+
+    flt = {"label": f"{labels.TEST}={label}"}
+    problems: list[str] = []
+    for c in client.containers.list(all=True, filters=flt):
+        try:
+            c.remove(force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            problems.append(f"container {c.name}: {e}")
+    for n in client.networks.list(filters=flt):
+        try:
+            n.reload()
+            for cid in (n.attrs.get("Containers") or {}):
+                n.disconnect(cid, force=True)
+            n.remove()
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            problems.append(f"network {n.name}: {e}")
+    for v in client.volumes.list(filters=flt):
+        try:
+            v.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            problems.append(f"volume {v.name}: {e}")
+    return problems
+
+
+@pytest.fixture(scope="session")
+def test_label(docker_client: Any) -> Iterator[str]:
+    """This session's id; its resources are removed at the end of the session."""
+    label = uuid.uuid4().hex[:10]
+    try:
+        yield label
+    finally:
+        problems = cleanup_label(docker_client, label)
+        if problems:
+            pytest.fail("test resources left behind:\n  " + "\n  ".join(problems),
+                        pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def test_prefix(test_label: str) -> str:
+    """The farm resource prefix of this session (kernel volumes: <prefix>-kernels-<debarch>)."""
+    return f"stapfarmtest{test_label}"
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stapfarm-session")
+
+
+# --------------------------------------------------------------------------- mirror
+
+
+def _farm_mirror_url() -> str:
+    """The Debian mirror the farm is configured with (the host's global file), else Debian's."""
+    try:
+        from farm.config import load_global
+
+        return load_global([], os.environ).debian_mirror or DEFAULT_MIRROR
+    except Exception:  # noqa: BLE001 - configuration is not what these tests are about
+        return os.environ.get("DEBIAN_MIRROR", DEFAULT_MIRROR)
+
+
+@pytest.fixture(scope="session")
+def mirror(session_dir: Path) -> Mirror:
+    return Mirror(_farm_mirror_url(), session_dir / "mirror-cache")
+
+
+@pytest.fixture(scope="session")
+def releases(mirror: Mirror) -> dict[str, str]:
+    """The newest trixie kernel release the mirror offers now, per target (stap arch name)."""
+    found: dict[str, str] = {}
+    for arch in (X86_64, ARM64):
+        offered = kernels.available(mirror, SUITES, arch)
+        if not offered:
+            pytest.fail(f"{mirror.url} offers no {'/'.join(SUITES)} kernel release for "
+                        f"{arch.debian}", pytrace=False)
+        found[arch.stap] = offered[0]
+    return found
+
+
+# --------------------------------------------------------------------------- images, trees
+
+
+def server_image_tag(arch: Arch) -> str:
+    """The farm's default tag of ARCH's server image (stapfarm/server:<uname -m>)."""
+    from farm.spec import GlobalConfig
+
+    return images.image_tag(GlobalConfig(config_path="", stat_path="", log_file=""), arch)
+
+
+@pytest.fixture(scope="session")
+def server_images(docker_client: Any) -> dict[str, str]:
+    """The farm's server images by image arch (stap name); set-up (`make test`) builds them."""
+    import docker.errors
+
+    tags: dict[str, str] = {}
+    missing = []
+    for arch in (X86_64, ARM64):
+        tag = server_image_tag(arch)
+        try:
+            docker_client.images.get(tag)
+        except docker.errors.ImageNotFound:
+            missing.append(tag)
+        tags[arch.stap] = tag
+    if missing:
+        pytest.fail(f"server image(s) {', '.join(missing)} missing: run `make setup` (or "
+                    "`stap-server images build --allow-expired-release`)", pytrace=False)
+    return tags
+
+
+@dataclass
+class KernelTrees:
+    """The session's kernel trees, in test-prefixed volumes, each added at most once.
+
+    The x86_64 image's trees (native amd64 and cross arm64) carry debuginfo, so DWARF probes
+    compile; the aarch64 image's arm64 tree (emulated strategy) does not.
+    """
+
+    client: Any
+    mirror: Mirror
+    releases: dict[str, str]
+    stores: dict[str, kernels.TreeStore]
+    debuginfo: dict[str, bool]
+    log: list[str] = field(default_factory=list)
+    _done: dict[tuple[str, str], kernels.KernelTree | Exception] = field(
+        default_factory=dict)
+
+    def store(self, image_arch: Arch) -> kernels.TreeStore:
+        return self.stores[image_arch.stap]
+
+    def volume(self, image_arch: Arch) -> str:
+        """The kernel volume to mount at /srv/stapfarm/kernels in IMAGE_ARCH's image."""
+        return self.stores[image_arch.stap].volume
+
+    def image(self, image_arch: Arch) -> str:
+        return self.stores[image_arch.stap].image
+
+    def release(self, target: Arch) -> str:
+        return self.releases[target.stap]
+
+    def tree(self, image_arch: Arch, target: Arch) -> kernels.KernelTree:
+        """TARGET's newest release, present in IMAGE_ARCH's volume (added on first use).
+
+        A failure is remembered and raised again, so a broken download is tried once only.
+        """
+        key = (image_arch.stap, target.stap)
+        if key not in self._done:
+            try:
+                self._done[key] = self.store(image_arch).add(
+                    self.mirror, SUITES, target, self.release(target),
+                    debuginfo=self.debuginfo[image_arch.stap], say=self.log.append)
+            except Exception as e:  # noqa: BLE001 - remembered, re-raised below
+                self._done[key] = e
+        got = self._done[key]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+
+@pytest.fixture(scope="session")
+def kernel_trees(docker_client: Any, mirror: Mirror, releases: dict[str, str],
+                 server_images: dict[str, str], test_prefix: str,
+                 test_label: str) -> KernelTrees:
+    """Trees for the newest trixie releases: call .tree(image_arch, target) to get one."""
+    stores = {a.stap: kernels.TreeStore(docker_client, test_prefix, a, server_images[a.stap],
+                                        test_label=test_label) for a in (X86_64, ARM64)}
+    return KernelTrees(client=docker_client, mirror=mirror, releases=releases, stores=stores,
+                       debuginfo={X86_64.stap: True, ARM64.stap: False})
+
+
+@pytest.fixture(scope="session")
+def farm_environ(test_prefix: str, test_label: str, session_dir: Path) -> dict[str, str]:
+    """An environ for farm.tools actions: test prefix and label, a private state directory.
+
+    The global file is the host's (so the mirror and image settings are the ones the images
+    were built with) followed by a private STATE_DIR.
+    """
+    from farm import config
+
+    text = ""
+    default = config.global_file(os.environ)
+    if default and os.path.exists(default):
+        text = Path(default).read_text()
+    state = session_dir / "state"
+    state.mkdir(exist_ok=True)
+    gfile = session_dir / "stap-server.global"
+    gfile.write_text(text + f"\n# tests: private state\nSTATE_DIR={state}\n")
+    env = {k: v for k, v in os.environ.items()
+           if k in ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY",
+                    "LANG", "TMPDIR")}
+    env.update({"STAPFARM_PREFIX": test_prefix, "STAPFARM_TEST_LABEL": test_label,
+                config.CONFIG_FILE_ENV: str(gfile)})
+    return env
+
+
+@pytest.fixture(scope="session")
+def test_network(docker_client: Any, test_prefix: str, test_label: str) -> Any:
+    """A user-defined bridge network for this session (removed with the label)."""
+    return docker_client.networks.create(
+        f"{test_prefix}-net", driver="bridge",
+        labels={labels.TEST: test_label, labels.OWNER: test_prefix})
+
+
+# --------------------------------------------------------------------------- run_stap
+
+
+def _label_of_volume(client: Any, volume: str) -> str:
+    import docker.errors
+
+    try:
+        return str((client.volumes.get(volume).attrs.get("Labels") or {}).get(labels.TEST, ""))
+    except docker.errors.NotFound:
+        return ""
+
+
+def _tar(files: Mapping[str, bytes | str], top: str, uid: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        d = tarfile.TarInfo(top)
+        d.type, d.mode, d.uid, d.gid = tarfile.DIRTYPE, 0o755, uid, uid
+        tar.addfile(d)
+        for name, data in files.items():
+            raw = data.encode() if isinstance(data, str) else data
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size, info.mode, info.uid, info.gid = len(raw), 0o644, uid, uid
+            tar.addfile(info, io.BytesIO(raw))
+    return buf.getvalue()
+
+
+def run_stap(docker_client: Any, image: str, volume: str, args: list[str],
+             files: Mapping[str, bytes | str] | None = None, platform: str | None = None, *,
+             test_label: str | None = None,
+             timeout: float = 1800) -> tuple[int, str, dict[str, bytes]]:
+    """Run `stap ARGS` in a throwaway container of IMAGE as the farm's servers would.
+
+    Read-only root, tmpfs /tmp and home, kernel VOLUME read-only at /srv/stapfarm/kernels,
+    user stap-server, no network. FILES (name -> content) are placed in stap's working
+    directory, a labelled per-run volume, from which the produced *.ko files are copied with
+    get_archive. The container and its work volume carry the test label (TEST_LABEL, else
+    VOLUME's) and are removed before returning.
+
+    Returns (exit code, stdout+stderr, {module file name: bytes}); exit code 124 and no
+    modules when stap did not finish within TIMEOUT seconds.
+    """
+    import docker.errors
+    import requests.exceptions
+
+    label = test_label or _label_of_volume(docker_client, volume)
+    if not label:
+        raise ValueError(f"run_stap: volume {volume} has no {labels.TEST} label; pass "
+                         "test_label= so the run is cleaned up")
+    uid = images.server_uid()
+    lab = {labels.TEST: label, labels.KIND: "job"}
+    work = docker_client.volumes.create(f"{volume}-run-{uuid.uuid4().hex[:10]}", labels=lab)
+    container = None
+    try:
+        kwargs: dict[str, Any] = {"platform": platform} if platform else {}
+        container = docker_client.containers.create(
+            image, entrypoint=["/usr/bin/tini", "--", "sh", "-c",
+                               f'cd {WORK}/m && exec stap "$@"', "stap"],
+            command=list(args), user="stap-server", read_only=True, network_mode="none",
+            tmpfs={"/tmp": "exec", "/home/stap-server": f"uid={uid},gid={uid},mode=0700"},
+            environment={"HOME": "/home/stap-server", "TMPDIR": "/tmp"},
+            volumes={volume: {"bind": kernels.MOUNT, "mode": "ro"},
+                     work.name: {"bind": WORK, "mode": "rw"}},
+            labels=lab, **kwargs)
+        container.put_archive(WORK, _tar(files or {}, "m", uid))
+        container.start()
+        try:
+            code = int(container.wait(timeout=timeout)["StatusCode"])
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            container.kill()
+            output = container.logs().decode("utf-8", "replace")
+            return 124, output + f"\n[run_stap: no result after {timeout:.0f} s]", {}
+        output = container.logs(stdout=True, stderr=True).decode("utf-8", "replace")
+        modules: dict[str, bytes] = {}
+        stream, _ = container.get_archive(f"{WORK}/m")
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            for info in tar:
+                if info.isfile() and (info.name.endswith(".ko")
+                                      or info.name.endswith(".ko.sgn")):
+                    data = tar.extractfile(info)
+                    if data is not None:
+                        modules[info.name.rsplit("/", 1)[-1]] = data.read()
+        return code, output, modules
+    finally:
+        if container is not None:
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        work.remove(force=True)
+
+
+# --------------------------------------------------------------------------- ELF
+
+
+def elf_machine(data: bytes) -> int:
+    """The ELF e_machine of DATA (62 x86-64, 183 AArch64)."""
+    if data[:4] != b"\x7fELF":
+        raise ValueError("not an ELF file")
+    endian = "<" if data[5] == 1 else ">"
+    return int(struct.unpack_from(endian + "H", data, 18)[0])
+
+
+def elf_section(data: bytes, name: str) -> bytes:
+    """The contents of section NAME of the ELF file DATA."""
+    if data[:4] != b"\x7fELF":
+        raise ValueError("not an ELF file")
+    is64 = data[4] == 2
+    e = "<" if data[5] == 1 else ">"
+    if is64:
+        shoff = struct.unpack_from(e + "Q", data, 0x28)[0]
+        shentsize, shnum, shstrndx = struct.unpack_from(e + "HHH", data, 0x3A)
+    else:
+        shoff = struct.unpack_from(e + "I", data, 0x20)[0]
+        shentsize, shnum, shstrndx = struct.unpack_from(e + "HHH", data, 0x2E)
+
+    def header(i: int) -> tuple[int, int, int]:
+        base = shoff + i * shentsize
+        if is64:
+            sh_name = struct.unpack_from(e + "I", data, base)[0]
+            offset, size = struct.unpack_from(e + "QQ", data, base + 24)
+        else:
+            sh_name = struct.unpack_from(e + "I", data, base)[0]
+            offset, size = struct.unpack_from(e + "II", data, base + 16)
+        return sh_name, offset, size
+
+    _, str_off, str_size = header(shstrndx)
+    names = data[str_off:str_off + str_size]
+    for i in range(shnum):
+        sh_name, offset, size = header(i)
+        end = names.find(b"\0", sh_name)
+        if names[sh_name:end].decode("ascii", "replace") == name:
+            return data[offset:offset + size]
+    raise ValueError(f"no section {name}")
+
+
+def vermagic(data: bytes) -> str:
+    """The `vermagic=` string of a kernel module's .modinfo section."""
+    for entry in elf_section(data, ".modinfo").split(b"\0"):
+        if entry.startswith(b"vermagic="):
+            return entry[len(b"vermagic="):].decode("utf-8", "replace")
+    raise ValueError("no vermagic in .modinfo")
