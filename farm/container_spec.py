@@ -1,0 +1,145 @@
+"""ServerConfig → Docker container arguments: one pure function, tested by equality."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from docker.types import Mount
+
+from farm import labels
+from farm.kernels import MOUNT as KERNELS_MOUNT
+from farm.spec import GlobalConfig, ServerConfig, Strategy
+from farm.strategy import BuildPlan
+
+HOME = "/home/stap-server"  # the image's server home; HOME of the daemon
+LOG = "/var/log/stapfarm/server.log"  # where the host's LOG file is mounted
+SSL = "/srv/stapfarm/ssl"  # where an explicit SSL (--ssl) directory is mounted
+TMP = "/tmp"  # TMPDIR: must match ^[-/._0-9a-z]+$ (stap-protocol.md §6.10)
+DAEMON = "stap-serverd"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What the backend found on the host for one server (all host paths absolute)."""
+
+    image: str
+    kernels_volume: str
+    uid: int
+    gid: int
+    home_dir: str  # host directory mounted as the daemon's HOME (cert DB, stap cache, rc)
+    log_file: str  # host file mounted at LOG
+    port: int  # published host port (the daemon listens on the same port)
+    hostname: str
+    prefix: str
+    test_label: str = ""
+
+
+def config_to_json(cfg: ServerConfig) -> str:
+    d = asdict(cfg)
+    d["strategy"] = cfg.strategy.value
+    return json.dumps(d, sort_keys=True)
+
+
+def config_from_json(text: str) -> ServerConfig:
+    d = json.loads(text)
+    for key in ("releases", "build", "include", "define"):
+        d[key] = tuple(d.get(key) or ())
+    d["strategy"] = Strategy(d.get("strategy", "auto"))
+    return ServerConfig(**d)
+
+
+def daemon_args(cfg: ServerConfig, plan: BuildPlan, port: int) -> list[str]:
+    """stap-serverd's command line for CFG, in upstream's option order."""
+    args = ["-a", plan.target.stap]
+    for rel in cfg.releases:
+        args += ["-r", rel]
+    builds = list(cfg.build)
+    if plan.cross_compile and not any("CROSS_COMPILE=" in b for b in builds):
+        builds.append(f"CROSS_COMPILE={plan.cross_compile}")
+    for b in builds:
+        args += ["-B", b]
+    for i in cfg.include:
+        args += ["-I", i]
+    for d in cfg.define:
+        args += ["-D", d]
+    if cfg.runtime:
+        args += ["-R", cfg.runtime]
+    args += [f"--log={LOG}", "--port", str(port)]
+    if cfg.ssl:
+        args += ["--ssl", SSL]
+    if cfg.max_threads is not None:
+        args += ["--max-threads", str(cfg.max_threads)]
+    if cfg.max_request_size is not None:
+        args += ["--max-request-size", str(cfg.max_request_size)]
+    if cfg.max_compressed_request is not None:
+        args += ["--max-compressed-request", str(cfg.max_compressed_request)]
+    return args
+
+
+def container_spec(cfg: ServerConfig, plan: BuildPlan, where: Placement,
+                   gcfg: GlobalConfig) -> dict[str, Any]:
+    """Keyword arguments for `client.containers.run(detach=True, **spec)`."""
+    mounts = [
+        Mount(KERNELS_MOUNT, where.kernels_volume, type="volume", read_only=True),
+        Mount(HOME, where.home_dir, type="bind"),
+        Mount(LOG, where.log_file, type="bind"),
+    ]
+    if cfg.ssl:
+        mounts.append(Mount(SSL, cfg.ssl, type="bind"))
+    ro_paths = [r for r in cfg.releases if r.startswith("/")] + list(cfg.include)
+    if cfg.runtime:
+        ro_paths.append(cfg.runtime)
+    for path in dict.fromkeys(ro_paths):
+        mounts.append(Mount(path, path, type="bind", read_only=True))
+    spec: dict[str, Any] = {
+        "image": where.image,
+        "command": daemon_args(cfg, plan, where.port),
+        "user": f"{where.uid}:{where.gid}",
+        "environment": {"HOME": HOME, "TMPDIR": TMP, "DEBUGINFOD_URLS": ""},
+        "hostname": where.hostname,
+        "mounts": mounts,
+        "tmpfs": {TMP: f"rw,nosuid,nodev,noexec,size={gcfg.tmpfs_size},mode=1777"},
+        "ports": {f"{where.port}/tcp": (gcfg.listen_address, where.port)},
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "mem_limit": gcfg.memory_limit,
+        "pids_limit": gcfg.pids_limit,
+        "restart_policy": {"Name": "unless-stopped"},
+        "platform": plan.image_arch.docker_platform,
+    }
+    if gcfg.cpus:
+        spec["nano_cpus"] = int(gcfg.cpus * 1e9)
+    digest = spec_hash(spec)
+    spec["name"] = f"{where.prefix}-{plan.target.machine}-{digest[:10]}"
+    spec["labels"] = {
+        labels.OWNER: where.prefix,
+        labels.KIND: "server",
+        labels.CONFIG: config_to_json(cfg),
+        labels.SPEC_HASH: digest,
+        labels.NICKNAME: cfg.nickname,
+        labels.PORT: str(where.port),
+        labels.RELEASES: " ".join(cfg.releases),
+        labels.STRATEGY: plan.strategy.value,
+        labels.IMAGE_ARCH: plan.image_arch.debian,
+    }
+    if where.test_label:
+        spec["labels"][labels.TEST] = where.test_label
+    return spec
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """A stable hash of everything that defines the container (labels and name excluded)."""
+    def norm(v: Any) -> Any:
+        if isinstance(v, Mount):
+            return dict(sorted(v.items()))
+        if isinstance(v, dict):
+            return {str(k): norm(x) for k, x in sorted(v.items())}
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        return v
+    body = {k: norm(v) for k, v in spec.items() if k not in ("labels", "name")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

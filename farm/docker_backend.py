@@ -1,0 +1,267 @@
+"""Servers as Docker containers: the Backend the command line drives (labels are the truth)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from farm import images, labels, tlsprobe
+from farm.arch import Arch
+from farm.backend import RunningServer
+from farm.container_spec import (DAEMON, HOME, Placement, config_from_json, container_spec)
+from farm.errors import KernelTreeError, ServerError
+from farm.kernels import TreeStore, volume_name
+from farm.spec import GlobalConfig, ServerConfig, Strategy
+from farm.strategy import BuildPlan, resolve
+
+READY_TIMEOUT = {Strategy.NATIVE: 90.0, Strategy.CROSS: 90.0, Strategy.EMULATED: 300.0}
+CERT_DIR = ".systemtap/ssl/server"
+
+
+@dataclass
+class DockerBackend:
+    """Runs each ServerConfig as one container of the farm's server image."""
+
+    client: Any
+    gcfg: GlobalConfig
+    prefix: str = "stapfarm"
+    test_label: str = ""
+    hostname: str = ""
+
+    @classmethod
+    def from_env(cls, gcfg: GlobalConfig, environ: Mapping[str, str]) -> DockerBackend:
+        from farm.dockerclient import connect
+
+        return cls(client=connect(environ), gcfg=gcfg,
+                   prefix=environ.get("STAPFARM_PREFIX", "stapfarm"),
+                   test_label=environ.get("STAPFARM_TEST_LABEL", ""),
+                   hostname=environ.get("STAPFARM_HOSTNAME", "") or socket.gethostname())
+
+    # ------------------------------------------------------------------ observe
+    def _containers(self) -> list[Any]:
+        return list(self.client.containers.list(all=True, filters={"label": [
+            f"{labels.OWNER}={self.prefix}", f"{labels.KIND}=server"]}))
+
+    def list_servers(self) -> list[RunningServer]:
+        return [self._observe(c) for c in self._containers()]
+
+    def _observe(self, c: Any) -> RunningServer:
+        cfg = config_from_json(c.labels[labels.CONFIG])
+        pid = self._daemon_pid(c) if c.status == "running" else 0
+        return RunningServer(config=cfg, pid=pid, port=int(c.labels.get(labels.PORT, "0")),
+                             container=c.id, running=pid > 0)
+
+    @staticmethod
+    def _daemon_pid(c: Any) -> int:
+        """The daemon's PID on the host (docker top reports host PIDs)."""
+        try:
+            top = c.top(ps_args="-eo pid,args")
+        except Exception:  # noqa: BLE001 - a container that just exited has no processes
+            return 0
+        titles = [t.upper() for t in top.get("Titles", [])]
+        pid_col = titles.index("PID") if "PID" in titles else 0
+        for proc in top.get("Processes") or []:
+            if any(DAEMON in part for part in proc[pid_col + 1:]):
+                return int(proc[pid_col])
+        return 0
+
+    # ------------------------------------------------------------------ start
+    def plan_for(self, cfg: ServerConfig) -> BuildPlan:
+        strategy = cfg.strategy if cfg.strategy is not Strategy.AUTO else self.gcfg.strategy
+        return resolve(strategy, Arch.parse(cfg.arch), Arch.host())
+
+    def start(self, config: ServerConfig) -> RunningServer:
+        plan = self.plan_for(config)
+        image = images.require(self.client, self.gcfg, plan.image_arch)
+        self._check_trees(config, plan, image)
+        uid, gid = self._server_user(config.user)
+        home = self._prepare_home(config.user, uid, gid)
+        log_file = self._prepare_log(config.log, uid, gid)
+        self._ensure_cert(home, uid, gid)
+        port = config.port or _free_port(self.gcfg.listen_address)
+        where = Placement(image=image, kernels_volume=volume_name(self.prefix, plan.image_arch),
+                          uid=uid, gid=gid, home_dir=home, log_file=log_file, port=port,
+                          hostname=self.hostname, prefix=self.prefix,
+                          test_label=self.test_label)
+        spec = container_spec(config, plan, where, self.gcfg)
+        container = self._run(spec, port)
+        try:
+            self._wait_ready(container, port, READY_TIMEOUT[plan.strategy], log_file)
+        except ServerError:
+            container.remove(force=True)
+            raise
+        container.reload()
+        return self._observe(container)
+
+    def _check_trees(self, cfg: ServerConfig, plan: BuildPlan, image: str) -> None:
+        wanted = [r for r in cfg.releases if not r.startswith("/")]
+        for path in (r for r in cfg.releases if r.startswith("/")):
+            if not os.path.isfile(os.path.join(path, "include/config/kernel.release")):
+                raise KernelTreeError(f"{path} is not a kernel build tree (no "
+                                      "include/config/kernel.release)")
+        if not wanted:
+            return
+        store = TreeStore(self.client, self.prefix, plan.image_arch, image)
+        have = {t.release: t for t in store.list()}
+        for rel in wanted:
+            tree = have.get(rel)
+            if tree is None or tree.arch != plan.target.stap:
+                emulated = " --strategy emulated" if plan.strategy is Strategy.EMULATED else ""
+                raise KernelTreeError(
+                    f"no kernel tree for release {rel} ({plan.target}) for the "
+                    f"{plan.image_arch.machine} image",
+                    hint=f"add it with `stap-server kernels add -a {plan.target.machine} "
+                         f"-r {rel}{emulated}`")
+
+    @staticmethod
+    def _server_user(user: str) -> tuple[int, int]:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError as e:
+            raise ServerError(f"server user '{user}' does not exist on this host",
+                              hint="create it (make up creates stap-server) or pass -u") from e
+        if pw.pw_uid == 0:
+            raise ServerError("servers never run as root", hint="use -u with another user")
+        return pw.pw_uid, pw.pw_gid
+
+    def _prepare_home(self, user: str, uid: int, gid: int) -> str:
+        """The per-user persistent home: certificate database, stap cache, rlimits."""
+        home = os.path.join(self.gcfg.state_dir, "home", user)
+        for path in (os.path.join(self.gcfg.state_dir, "home"), home):
+            os.makedirs(path, mode=0o755 if path != home else 0o700, exist_ok=True)
+        _own(home, uid, gid)
+        os.chmod(home, 0o700)
+        return home
+
+    @staticmethod
+    def _prepare_log(log: str, uid: int, gid: int) -> str:
+        try:
+            os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            os.close(fd)
+            if os.stat(log).st_uid != uid:
+                _own(log, uid, gid)
+        except OSError as e:
+            raise ServerError(f"cannot prepare log file {log}: {e.strerror}",
+                              hint="choose a writable --log") from e
+        return os.path.abspath(log)
+
+    def _ensure_cert(self, home: str, uid: int, gid: int) -> None:
+        """Create the user's certificate database before the first start, as upstream's
+        stap-server does, with the names clients really use (the host's)."""
+        if os.path.exists(os.path.join(home, CERT_DIR, "stap.cert")):
+            return
+        host_image = images.require(self.client, self.gcfg, Arch.host())
+        names = [self.hostname, f"{self.hostname}.local", *self.gcfg.cert_names]
+        script = ('set -e; umask 077; mkdir -p "$HOME/.systemtap/ssl/server"; '
+                  'exec /usr/lib/systemtap/stap-gen-cert "$HOME/.systemtap/ssl/server" "$@"')
+        try:
+            self.client.containers.run(
+                host_image, entrypoint=["/bin/sh", "-c", script, "gen-cert"], command=names,
+                user=f"{uid}:{gid}", environment={"HOME": HOME}, hostname=self.hostname,
+                volumes={home: {"bind": HOME, "mode": "rw"}}, network_mode="none",
+                remove=True, labels=self._job_labels())
+        except Exception as e:  # noqa: BLE001 - docker's ContainerError carries the output
+            raise ServerError(f"creating the certificate database in {home} failed: {e}") from e
+
+    def _job_labels(self) -> dict[str, str]:
+        lab = {labels.OWNER: self.prefix, labels.KIND: "job"}
+        if self.test_label:
+            lab[labels.TEST] = self.test_label
+        return lab
+
+    def _run(self, spec: dict[str, Any], port: int) -> Any:
+        import docker.errors
+
+        try:
+            old = self.client.containers.get(spec["name"])
+            old.remove(force=True)  # a stale twin of the same spec (e.g. after a crash)
+        except docker.errors.NotFound:
+            pass
+        try:
+            return self.client.containers.run(detach=True, **spec)
+        except docker.errors.APIError as e:
+            text = str(e)
+            if "port is already allocated" in text or "address already in use" in text:
+                self._remove_named(spec["name"])
+                raise ServerError(f"port {port} is already in use",
+                                  hint="choose another --port / PORT") from e
+            self._remove_named(spec["name"])
+            raise ServerError(f"docker refused to start the server: {e.explanation or e}") from e
+
+    def _remove_named(self, name: str) -> None:
+        import docker.errors
+
+        try:
+            self.client.containers.get(name).remove(force=True)
+        except docker.errors.NotFound:
+            pass
+
+    def _wait_ready(self, container: Any, port: int, timeout: float, log_file: str) -> None:
+        """Return once the server completes a TLS handshake on its published port."""
+        address = self.gcfg.listen_address
+        if address in ("0.0.0.0", "::", ""):
+            address = "127.0.0.1"
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            container.reload()
+            if container.status in ("exited", "dead"):
+                break
+            try:
+                tlsprobe.probe(address, port, timeout=3.0)
+                return
+            except ServerError as e:
+                last = str(e)
+            time.sleep(0.25)
+        logs = container.logs(tail=15).decode("utf-8", "replace").strip()
+        tail = _tail(log_file, 15)
+        raise ServerError(
+            f"server did not answer TLS on port {port} ({container.status}; {last})"
+            + (f"\n--- container output:\n{logs}" if logs else "")
+            + (f"\n--- {log_file} (tail):\n{tail}" if tail else ""))
+
+    # ------------------------------------------------------------------ stop
+    def stop(self, server: RunningServer) -> None:
+        import docker.errors
+
+        try:
+            c = self.client.containers.get(server.container)
+        except docker.errors.NotFound:
+            return
+        try:
+            if c.status == "running":
+                c.stop(timeout=10)
+            c.remove(force=True)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as e:
+            raise ServerError(f"docker could not stop {c.name}: {e.explanation or e}") from e
+
+
+def _own(path: str, uid: int, gid: int) -> None:
+    if os.geteuid() == 0:
+        os.chown(path, uid, gid)
+
+
+def _free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address if address not in ("", "::") else "0.0.0.0", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: str, n: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 8192))
+            return b"\n".join(f.read().splitlines()[-n:]).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
