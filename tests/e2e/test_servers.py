@@ -1,0 +1,189 @@
+"""Issue: every configured server runs as a container, proven with the real stap client.
+
+Real Docker engine, the farm's images and kernel trees, and the Debian 13 `stap` 5.1 client
+in a container on a test network, connecting to the farm by this host's name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from contextlib import redirect_stderr
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from farm import labels, tlsprobe
+from farm.arch import ARM64, X86_64, Arch
+from farm.cli import main
+from tests.conftest import KernelTrees, elf_machine, vermagic
+from tests.support.client import authorize_cert, client_stap, default_host_names, start_client
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+HELLO = 'probe begin { println("hello"); exit() }'
+TRACEPOINT = 'probe kernel.trace("sched:sched_switch") { printf("%d\\n", $next->pid); exit() }'
+DWARF = 'probe kernel.function("vfs_read") { printf("%d\\n", $count); exit() }'
+
+
+@dataclass
+class Farm:
+    env: dict[str, str]
+    root: Path
+    client: Any  # the stap client container
+    host: str  # the name the client uses for the farm
+    releases: dict[str, str]
+
+    def run(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stderr(err):
+            rc = main(list(argv), environ=self.env, stdout=out, stderr=err)
+        return rc, out.getvalue(), err.getvalue()
+
+    def status(self) -> list[dict[str, Any]]:
+        rc, out, err = self.run("status", "--json")
+        servers: list[dict[str, Any]] = json.loads(out)["servers"]
+        return servers
+
+    def server(self, nickname: str) -> dict[str, Any]:
+        return next(s for s in self.status() if s["nickname"] == nickname)
+
+    def stap(self, server: dict[str, Any], args: list[str],
+             files: dict[str, str] | None = None) -> tuple[int, str, dict[str, bytes]]:
+        arch = server["config"]["arch"]
+        rel = server["config"]["releases"][0]
+        return client_stap(self.client, [f"--use-server={self.host}:{server['port']}",
+                                         "-a", arch, "-r", rel, "-p4", *args], files)
+
+    def cert(self) -> bytes:
+        return (self.root / "state/home/stap-server/.systemtap/ssl/server/stap.cert").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, str],
+         session_dir: Path, test_network: Any, test_label: str) -> Any:
+    for image_arch, target in ((X86_64, X86_64), (X86_64, ARM64), (ARM64, ARM64)):
+        kernel_trees.tree(image_arch, target)
+    root = session_dir / "servers"
+    for sub in ("conf.d", "run", "log", "state"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    base = Path(farm_environ["STAPFARM_CONFIG_FILE"]).read_text()
+    gfile = root / "global"
+    gfile.write_text(base + f"\nCONFIG_PATH={root}/conf.d\nSTAT_PATH={root}/run\n"
+                     f"LOG_FILE={root}/log/stap-server.log\nSTATE_DIR={root}/state\n")
+    env = dict(farm_environ, STAPFARM_CONFIG_FILE=str(gfile))
+    client = start_client(docker_client, test_network, test_label)
+    f = Farm(env=env, root=root, client=client, host=default_host_names()[0],
+             releases={"x86_64": kernel_trees.release(X86_64),
+                       "arm64": kernel_trees.release(ARM64)})
+    yield f
+    f.run("stop")
+
+
+def test_start_native_cross_and_configured_emulated(farm: Farm, docker_client: Any) -> None:
+    rc, out, err = farm.run("start", "-a", "x86_64", "-r", farm.releases["x86_64"], "-n", "native")
+    assert rc == 0, out + err
+    assert out.splitlines()[-1].strip() == "OK"
+    rc, out, err = farm.run("start", "-a", "aarch64", "-r", farm.releases["arm64"], "-n", "cross")
+    assert rc == 0, out + err
+    (farm.root / "conf.d" / "emulated.conf").write_text(
+        f"ARCH=aarch64\nRELEASE={farm.releases['arm64']}\nSTRATEGY=emulated\nNICKNAME=emu\n")
+    rc, out, err = farm.run("start")  # a bare start: every configured server
+    assert rc == 0, out + err
+    assert "Starting stap-server" in out and "OK" in out
+
+    servers = {s["nickname"]: s for s in farm.status()}
+    assert set(servers) == {"native", "cross", "emu"}
+    for s in servers.values():
+        assert s["state"] == "running" and s["pid"] > 0 and s["port"] > 0
+    strategies = {}
+    for c in docker_client.containers.list(filters={"label": [
+            f"{labels.OWNER}={farm.env['STAPFARM_PREFIX']}", f"{labels.KIND}=server"]}):
+        strategies[c.labels[labels.NICKNAME]] = c.labels[labels.STRATEGY]
+        assert c.attrs["HostConfig"]["ReadonlyRootfs"] is True
+        assert c.attrs["Config"]["User"] != "0:0"
+    assert strategies == {"native": "native", "cross": "cross", "emu": "emulated"}
+    authorize_cert(farm.client, farm.cert())
+
+
+@pytest.mark.parametrize("nickname,arch", [("native", X86_64), ("cross", ARM64),
+                                           ("emu", ARM64)])
+def test_real_client_gets_hello(farm: Farm, nickname: str, arch: Arch) -> None:
+    server = farm.server(nickname)
+    rc, out, modules = farm.stap(server, ["-m", "hello", "-e", HELLO])
+    assert rc == 0, out
+    ko = modules["hello.ko"]
+    assert elf_machine(ko) == arch.elf_machine
+    assert vermagic(ko).split()[0] == server["config"]["releases"][0]
+
+
+@pytest.mark.parametrize("nickname", ["native", "cross"])
+def test_script_file_with_tapset_dir_and_arguments(farm: Farm, nickname: str) -> None:
+    files = {"tapsets/greet.stp": 'function greet(who) { return "greetings, " . who }\n',
+             "main.stp": "probe begin { println(greet(@1)); exit() }\n"}
+    rc, out, modules = farm.stap(farm.server(nickname),
+                                 ["-m", "greet", "-I", "tapsets", "main.stp", "farmer"], files)
+    assert rc == 0, out
+    assert b"greetings, " in modules["greet.ko"] and b"farmer" in modules["greet.ko"]
+
+
+@pytest.mark.parametrize("nickname,arch", [("native", X86_64), ("cross", ARM64)])
+def test_tracepoint_through_the_farm(farm: Farm, nickname: str, arch: Arch) -> None:
+    rc, out, modules = farm.stap(farm.server(nickname), ["-m", "tp", "-e", TRACEPOINT])
+    assert rc == 0, out
+    assert elf_machine(modules["tp.ko"]) == arch.elf_machine
+
+
+@pytest.mark.parametrize("nickname,arch", [("native", X86_64), ("cross", ARM64)])
+def test_dwarf_probe_through_the_farm(farm: Farm, nickname: str, arch: Arch) -> None:
+    rc, out, modules = farm.stap(farm.server(nickname), ["-m", "dw", "-e", DWARF])
+    assert rc == 0, out
+    assert elf_machine(modules["dw.ko"]) == arch.elf_machine
+
+
+def test_status_lines_name_pids_and_the_json_agrees(farm: Farm) -> None:
+    rc, out, err = farm.run("status")
+    assert rc == 0, out + err
+    for s in farm.status():
+        assert f'-n "{s["nickname"]}"' in out
+        assert f"running as PID {s['pid']}" in out
+        assert os.path.exists(f"/proc/{s['pid']}"), "status PIDs are host PIDs"
+    stat_files = sorted(p.name for p in (farm.root / "run").iterdir())
+    assert stat_files == sorted(f"{s['pid']}.stat" for s in farm.status())
+
+
+def test_stop_by_pid_stops_exactly_that_server(farm: Farm, docker_client: Any) -> None:
+    emu = farm.server("emu")
+    rc, out, err = farm.run("stop", "-p", str(emu["pid"]))
+    assert rc == 0, out + err
+    assert {s["nickname"] for s in farm.status()} == {"native", "cross"}
+    import docker.errors
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(emu["container"])
+
+
+def test_restart_keeps_the_certificate_serial(farm: Farm) -> None:
+    before = {s["nickname"]: s for s in farm.status()}
+    serial = tlsprobe.probe("127.0.0.1", before["native"]["port"]).get_serial_number()
+    rc, out, err = farm.run("restart")
+    assert rc == 0, out + err
+    after = {s["nickname"]: s for s in farm.status()}
+    assert set(after) == {"native", "cross"}
+    assert after["native"]["container"] != before["native"]["container"]
+    assert tlsprobe.probe("127.0.0.1", after["native"]["port"]).get_serial_number() == serial
+    rc, out, modules = farm.stap(after["cross"], ["-m", "hello", "-e", HELLO])
+    assert rc == 0, out
+
+
+def test_stop_leaves_no_farm_containers(farm: Farm, docker_client: Any) -> None:
+    rc, out, err = farm.run("stop")
+    assert rc == 0, out + err
+    left = docker_client.containers.list(all=True, filters={"label": [
+        f"{labels.OWNER}={farm.env['STAPFARM_PREFIX']}", f"{labels.KIND}=server"]})
+    assert left == []
+    rc, out, err = farm.run("status")
+    assert rc == 3
+    assert (farm.root / "state/home/stap-server/.systemtap/ssl/server/stap.cert").exists()
