@@ -243,7 +243,12 @@ def trusted_serials(container: Any) -> set[int]:
                                   "stap-server"], user=USER)
     if code != 0:
         return set()
-    return {int(m, 16) for m in re.findall(r"Serial Number:.*\(0x([0-9a-fA-F]+)\)", out)}
+    # certutil prints short serials as "Serial Number: 123 (0x7b)" and longer ones (stap's
+    # 5-byte serials) as colon hex on the next line.
+    serials = {int(m, 16) for m in re.findall(r"Serial Number:.*\(0x([0-9a-fA-F]+)\)", out)}
+    serials |= {int(m.replace(":", ""), 16)
+                for m in re.findall(r"Serial Number:\s*\n\s*([0-9a-fA-F:]+)", out)}
+    return serials
 
 
 def start_avahi(container: Any, timeout: float = 60) -> None:
