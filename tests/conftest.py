@@ -57,6 +57,15 @@ WORK = "/work"  # where run_stap's per-run volume is mounted; stap runs in WORK/
 # --------------------------------------------------------------------------- engine
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the engine is a `docker` test, marked or not (so `-m "not docker"`
+    really runs without an engine)."""
+    for item in items:
+        if "docker_client" in getattr(item, "fixturenames", ()) and \
+                item.get_closest_marker("docker") is None:
+            item.add_marker(pytest.mark.docker)
+
+
 @pytest.fixture(scope="session")
 def docker_client() -> Any:
     """The Docker engine. Unreachable is a failure: CI must not pass by skipping."""
