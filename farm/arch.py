@@ -39,7 +39,7 @@ class Arch:
             key = key[len("linux/"):]
         arch = _ALIASES.get(key)
         if arch is None:
-            close = difflib.get_close_matches(key, sorted(_ALIASES), n=1)
+            close = difflib.get_close_matches(key, sorted(_ALIASES), n=1, cutoff=0.75)
             hint = f"did you mean '{close[0]}'?" if close else None
             supported = ", ".join(sorted({a.stap for a in _ALIASES.values()}))
             raise ArchError(

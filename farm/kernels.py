@@ -214,7 +214,11 @@ class TreeStore:
         token = uuid.uuid4().hex[:12]
         staging = f"{MOUNT}/.stapfarm/staging/{token}"
         try:
-            job.exec_run(["sh", "-c", f"rm -rf {MOUNT}/.stapfarm/staging; mkdir -p {staging}"
+            # Only leftovers of interrupted adds are removed: a concurrent add's staging
+            # directory is younger than a day.
+            job.exec_run(["sh", "-c", f"mkdir -p {MOUNT}/.stapfarm/staging; find "
+                                      f"{MOUNT}/.stapfarm/staging -mindepth 1 -maxdepth 1 "
+                                      f"-mmin +1440 -exec rm -rf {{}} +; mkdir -p {staging}"
                                       f" {MOUNT}/{MANIFESTS}"])
             kernelvariables = ""
             for pkg in wanted:
@@ -257,6 +261,7 @@ class TreeStore:
             say(f"kernel tree {release} ({target}, for the {self.image_arch} image) is ready")
             return tree
         finally:
+            job.exec_run(["rm", "-rf", staging])
             job.remove(force=True)
 
     def _present(self, job: Any, pkg: Package, release: str, abi: str) -> bool:

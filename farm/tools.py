@@ -132,7 +132,8 @@ def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err
             trees = []
             for image_arch in ALL:
                 store = kernels.TreeStore(client, _prefix(env), image_arch,
-                                          images.image_tag(gcfg, image_arch))
+                                          images.image_tag(gcfg, image_arch),
+                                          test_label=env.get("STAPFARM_TEST_LABEL", ""))
                 if images.status(client, gcfg, image_arch)[1] != "missing":
                     trees += store.list()
             if ns.json:
