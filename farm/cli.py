@@ -21,6 +21,7 @@ from farm.errors import (
     EXIT_OK,
     ArchError,
     FarmError,
+    ImageError,
     KernelTreeError,
     ServerError,
     UsageError,
@@ -386,6 +387,7 @@ class _Runner:
         except FarmError:
             if not quiet:
                 self._end(False)
+                self.out.write("\n")
             raise
         self.servers = [s for s in self.servers if s.container != server.container]
         return True
@@ -393,11 +395,13 @@ class _Runner:
     def _call_start(self, config: ServerConfig) -> bool:
         try:
             started = self.backend.start(config)
-        except ServerError as e:
+        except (ServerError, KernelTreeError, ImageError) as e:
+            # this server cannot start (its tree, image or daemon): the others still may
             self._error(e)
             return False
         except FarmError:
             self._end(False)
+            self.out.write("\n")
             raise
         self.servers.append(started)
         return True

@@ -19,6 +19,8 @@ from farm.kernels import TreeStore, volume_name
 from farm.spec import GlobalConfig, ServerConfig, Strategy
 from farm.strategy import BuildPlan, resolve
 
+RENEW_DAYS = 7  # renew a certificate this close to expiry; status warns 30 days ahead
+WARN_DAYS = 30
 READY_TIMEOUT = {Strategy.NATIVE: 90.0, Strategy.CROSS: 90.0, Strategy.EMULATED: 300.0}
 CERT_DIR = ".systemtap/ssl/server"
 
@@ -82,7 +84,7 @@ class DockerBackend:
         uid, gid = self._server_user(config.user)
         home = self._prepare_home(config.user, uid, gid)
         log_file = self._prepare_log(config.log, uid, gid)
-        self._ensure_cert(home, uid, gid)
+        self._ensure_cert(config.ssl or os.path.join(home, CERT_DIR), uid, gid)
         port = config.port or _free_port(self.gcfg.listen_address)
         where = Placement(image=image, kernels_volume=volume_name(self.prefix, plan.image_arch),
                           uid=uid, gid=gid, home_dir=home, log_file=log_file, port=port,
@@ -132,10 +134,13 @@ class DockerBackend:
     def _prepare_home(self, user: str, uid: int, gid: int) -> str:
         """The per-user persistent home: certificate database, stap cache, rlimits."""
         home = os.path.join(self.gcfg.state_dir, "home", user)
-        for path in (os.path.join(self.gcfg.state_dir, "home"), home):
-            os.makedirs(path, mode=0o755 if path != home else 0o700, exist_ok=True)
-        _own(home, uid, gid)
-        os.chmod(home, 0o700)
+        os.makedirs(os.path.join(self.gcfg.state_dir, "home"), mode=0o755, exist_ok=True)
+        path = home
+        for part in ("", ".systemtap", "ssl"):
+            path = os.path.join(path, part) if part else home
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            _own(path, uid, gid)
+            os.chmod(path, 0o700)
         return home
 
     @staticmethod
@@ -151,23 +156,49 @@ class DockerBackend:
                               hint="choose a writable --log") from e
         return os.path.abspath(log)
 
-    def _ensure_cert(self, home: str, uid: int, gid: int) -> None:
-        """Create the user's certificate database before the first start, as upstream's
-        stap-server does, with the names clients really use (the host's)."""
-        if os.path.exists(os.path.join(home, CERT_DIR, "stap.cert")):
-            return
+    def _ensure_cert(self, db: str, uid: int, gid: int) -> None:
+        """Create (or renew) the certificate database DB before a server uses it, as
+        upstream's stap-server does, naming the host as clients will (host, host.local,
+        CERT_NAMES); refuse one whose ownership or permissions are unsafe.
+
+        Raises:
+            ServerError: unsafe database, or stap-gen-cert failed.
+        """
+        cert = os.path.join(db, "stap.cert")
+        if os.path.exists(cert):
+            check_cert_db(db, uid)
+            left = cert_days_left(cert)
+            if left > RENEW_DAYS:
+                return
+            # stap-serverd would regenerate an expired certificate itself, with the
+            # container's names; renew it here first, keeping the old one beside it.
+            os.replace(db, f"{db}.expired-{int(time.time())}")
         host_image = images.require(self.client, self.gcfg, Arch.host())
         names = [self.hostname, f"{self.hostname}.local", *self.gcfg.cert_names]
-        script = ('set -e; umask 077; mkdir -p "$HOME/.systemtap/ssl/server"; '
-                  'exec /usr/lib/systemtap/stap-gen-cert "$HOME/.systemtap/ssl/server" "$@"')
+        script = ('set -e; umask 077; mkdir -p "$DB"; '
+                  'exec /usr/lib/systemtap/stap-gen-cert "$DB" "$@"')
+        # stap-gen-cert removes and re-creates DB itself, so it gets DB's parent, which must
+        # belong to the server user.
+        parent = os.path.dirname(os.path.abspath(db))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700)
+            _own(parent, uid, gid)
+        if os.stat(parent).st_uid != uid:
+            raise ServerError(f"cannot create the certificate database {db}: its parent "
+                              f"directory is not owned by the server user (uid {uid})",
+                              hint=f"create {db} with `stap-gen-cert` as that user, or "
+                                   f"chown {uid} {parent}")
         try:
             self.client.containers.run(
                 host_image, entrypoint=["/bin/sh", "-c", script, "gen-cert"], command=names,
-                user=f"{uid}:{gid}", environment={"HOME": HOME}, hostname=self.hostname,
-                volumes={home: {"bind": HOME, "mode": "rw"}}, network_mode="none",
-                remove=True, labels=self._job_labels())
+                user=f"{uid}:{gid}", hostname=self.hostname,
+                environment={"HOME": HOME, "DB": f"/parent/{os.path.basename(db)}"},
+                volumes={parent: {"bind": "/parent", "mode": "rw"}},
+                working_dir="/parent", network_mode="none", remove=True,
+                labels=self._job_labels())
         except Exception as e:  # noqa: BLE001 - docker's ContainerError carries the output
-            raise ServerError(f"creating the certificate database in {home} failed: {e}") from e
+            raise ServerError(f"creating the certificate database {db} failed: {e}") from e
+        os.chmod(cert, 0o644)  # stap-gen-cert leaves the public certificate 0666
 
     def _job_labels(self) -> dict[str, str]:
         lab = {labels.OWNER: self.prefix, labels.KIND: "job"}
@@ -242,6 +273,40 @@ class DockerBackend:
             return
         except docker.errors.APIError as e:
             raise ServerError(f"docker could not stop {c.name}: {e.explanation or e}") from e
+
+
+def cert_days_left(cert_path: str) -> float:
+    """Days until the certificate at CERT_PATH (DER, stap.cert) expires."""
+    from cryptography import x509
+
+    with open(cert_path, "rb") as f:
+        cert = x509.load_der_x509_certificate(f.read())
+    left = cert.not_valid_after_utc.timestamp() - time.time()
+    return left / 86400
+
+
+def check_cert_db(db: str, uid: int) -> None:
+    """Refuse a certificate database another user could read or that the server user does
+    not own (upstream's NSS would use it regardless).
+
+    Raises:
+        ServerError: wrong owner or permissions, with the command that fixes it.
+    """
+    st = os.stat(db)
+    if st.st_uid != uid or st.st_mode & 0o077:
+        raise ServerError(
+            f"certificate database {db} is owned by uid {st.st_uid} with mode "
+            f"{st.st_mode & 0o777:o}; it must be 700 and owned by uid {uid}",
+            hint=f"chown -R {uid} {db} && chmod 700 {db} && chmod 600 {db}/*.db")
+    for name in ("key4.db", "cert9.db", "key3.db", "cert8.db"):
+        path = os.path.join(db, name)
+        if os.path.exists(path):
+            fst = os.stat(path)
+            if fst.st_uid != uid or fst.st_mode & 0o077:
+                raise ServerError(
+                    f"certificate database file {path} has mode {fst.st_mode & 0o777:o} "
+                    f"(owner uid {fst.st_uid}); key material must be 600 and owned by uid "
+                    f"{uid}", hint=f"chown {uid} {path} && chmod 600 {path}")
 
 
 def _own(path: str, uid: int, gid: int) -> None:

@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TextIO
 
-from farm import images, kernels
+from farm import images, kernels, trust
 from farm.arch import ALL, Arch
 from farm.debian import Mirror
 from farm.errors import EXIT_OK, EXIT_USAGE, FarmError, UsageError
@@ -161,9 +162,77 @@ def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err
     return _run(run, p, argv, environ, out, err)
 
 
+def trust_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    """stap-server trust [-n NICK|-p PID]... [--all-users|--signer] [--revoke] [--export DIR]"""
+    p = _Parser(prog="stap-server trust",
+                description="Trust the farm's servers: install their certificates where stap "
+                            "clients (or staprun) look, revoke them, or export them.")
+    p.add_argument("-n", dest="nickname", action="append", default=[], help="server nickname")
+    p.add_argument("-p", dest="pid", action="append", default=[], type=int, help="server PID")
+    p.add_argument("-c", dest="config", action="append", help="global configuration file")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--all-users", action="store_true",
+                       help=f"the global client database ({trust.GLOBAL_CLIENT_DB})")
+    where.add_argument("--signer", action="store_true",
+                       help=f"the module-signer database staprun checks ({trust.SIGNER_DB})")
+    where.add_argument("--export", metavar="DIR",
+                       help="write the certificates and a trust script for remote clients")
+    p.add_argument("--revoke", action="store_true", help="remove the certificates instead")
+
+    def run(ns: argparse.Namespace, gcfg: GlobalConfig, env: Mapping[str, str], o: TextIO,
+            e: TextIO) -> int:
+        import os
+        import socket
+
+        from farm.docker_backend import DockerBackend
+
+        backend = DockerBackend.from_env(gcfg, env)
+        servers = [s for s in backend.list_servers() if s.running]
+        if ns.nickname or ns.pid:
+            chosen = []
+            for nick in ns.nickname:
+                match = [s for s in servers if s.nickname == nick]
+                if not match:
+                    raise FarmError(f"no running server with the nickname '{nick}'")
+                chosen += match
+            for pid in ns.pid:
+                match = [s for s in servers if s.pid == pid]
+                if not match:
+                    raise FarmError(f"No stap-server running as pid {pid}")
+                chosen += match
+            servers = chosen
+        if not servers:
+            raise FarmError("no running farm server to trust",
+                            hint="start one with `stap-server start`")
+        address = gcfg.listen_address if gcfg.listen_address not in ("0.0.0.0", "::", "") \
+            else "127.0.0.1"
+        certs = trust.collect(servers, address)
+        host = env.get("STAPFARM_HOSTNAME", "") or socket.gethostname()
+        for c in certs:
+            print(f"certinfo {c.certinfo}: {', '.join(c.servers)}", file=o)
+        if ns.export:
+            for path in trust.export(certs, Path(ns.export), host):
+                print(f"wrote {path}", file=o)
+            return EXIT_OK
+        if ns.all_users or ns.signer:
+            db = trust.GLOBAL_CLIENT_DB if ns.all_users else trust.SIGNER_DB
+            uid = gid = 0
+        else:
+            home = env.get("HOME") or os.path.expanduser("~")
+            db = os.path.join(home, ".systemtap", "ssl", "client")
+            uid, gid = os.getuid(), os.getgid()
+        image = images.require(backend.client, gcfg, Arch.host())
+        print(trust.apply(backend.client, image, certs, db, revoke=ns.revoke, uid=uid,
+                          gid=gid, host=host).rstrip(), file=o)
+        return EXIT_OK
+
+    return _run(run, p, argv, environ, out, err)
+
+
 ACTIONS: dict[str, Action] = {
     "images": images_action,
     "kernels": kernels_action,
+    "trust": trust_action,
 }
 
 

@@ -6,11 +6,7 @@ in a container on a test network, connecting to the farm by this host's name.
 
 from __future__ import annotations
 
-import io
-import json
 import os
-from contextlib import redirect_stderr
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +14,9 @@ import pytest
 
 from farm import labels, tlsprobe
 from farm.arch import ARM64, X86_64, Arch
-from farm.cli import main
 from tests.conftest import KernelTrees, elf_machine, vermagic
-from tests.support.client import authorize_cert, client_stap, default_host_names, start_client
+from tests.support.client import authorize_cert, default_host_names, start_client
+from tests.support.farm import Farm, make_farm
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -29,56 +25,14 @@ TRACEPOINT = 'probe kernel.trace("sched:sched_switch") { printf("%d\\n", $next->
 DWARF = 'probe kernel.function("vfs_read") { printf("%d\\n", $count); exit() }'
 
 
-@dataclass
-class Farm:
-    env: dict[str, str]
-    root: Path
-    client: Any  # the stap client container
-    host: str  # the name the client uses for the farm
-    releases: dict[str, str]
-
-    def run(self, *argv: str) -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        with redirect_stderr(err):
-            rc = main(list(argv), environ=self.env, stdout=out, stderr=err)
-        return rc, out.getvalue(), err.getvalue()
-
-    def status(self) -> list[dict[str, Any]]:
-        rc, out, err = self.run("status", "--json")
-        servers: list[dict[str, Any]] = json.loads(out)["servers"]
-        return servers
-
-    def server(self, nickname: str) -> dict[str, Any]:
-        return next(s for s in self.status() if s["nickname"] == nickname)
-
-    def stap(self, server: dict[str, Any], args: list[str],
-             files: dict[str, str] | None = None) -> tuple[int, str, dict[str, bytes]]:
-        arch = server["config"]["arch"]
-        rel = server["config"]["releases"][0]
-        return client_stap(self.client, [f"--use-server={self.host}:{server['port']}",
-                                         "-a", arch, "-r", rel, "-p4", *args], files)
-
-    def cert(self) -> bytes:
-        return (self.root / "state/home/stap-server/.systemtap/ssl/server/stap.cert").read_bytes()
-
-
 @pytest.fixture(scope="module")
 def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, str],
          session_dir: Path, test_network: Any, test_label: str) -> Any:
     for image_arch, target in ((X86_64, X86_64), (X86_64, ARM64), (ARM64, ARM64)):
         kernel_trees.tree(image_arch, target)
-    root = session_dir / "servers"
-    for sub in ("conf.d", "run", "log", "state"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    base = Path(farm_environ["STAPFARM_CONFIG_FILE"]).read_text()
-    gfile = root / "global"
-    gfile.write_text(base + f"\nCONFIG_PATH={root}/conf.d\nSTAT_PATH={root}/run\n"
-                     f"LOG_FILE={root}/log/stap-server.log\nSTATE_DIR={root}/state\n")
-    env = dict(farm_environ, STAPFARM_CONFIG_FILE=str(gfile))
     client = start_client(docker_client, test_network, test_label)
-    f = Farm(env=env, root=root, client=client, host=default_host_names()[0],
-             releases={"x86_64": kernel_trees.release(X86_64),
-                       "arm64": kernel_trees.release(ARM64)})
+    f = make_farm(session_dir / "servers", farm_environ, client, default_host_names()[0],
+                  {"x86_64": kernel_trees.release(X86_64), "arm64": kernel_trees.release(ARM64)})
     yield f
     f.run("stop")
 

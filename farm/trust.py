@@ -1,0 +1,118 @@
+"""Trust in the farm's servers: export their certificates, install or revoke them in the
+NSS databases stap clients and staprun read (certutil, run from the farm's image)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import crypto
+
+from farm import tlsprobe
+from farm.backend import RunningServer
+from farm.errors import ServerError
+
+GLOBAL_CLIENT_DB = "/etc/systemtap/ssl/client"
+SIGNER_DB = "/etc/systemtap/staprun"
+SCRIPT = "trust-farm.sh"
+
+
+@dataclass(frozen=True)
+class ServerCert:
+    """One certificate the farm's servers present (several servers may share it)."""
+
+    der: bytes
+    serial: int
+    servers: tuple[str, ...]  # nicknames
+
+    @property
+    def certinfo(self) -> str:
+        return tlsprobe.certinfo(self.serial)
+
+    @property
+    def pem(self) -> bytes:
+        cert = crypto.load_certificate(crypto.FILETYPE_ASN1, self.der)
+        return crypto.dump_certificate(crypto.FILETYPE_PEM, cert)
+
+
+def collect(servers: list[RunningServer], address: str = "127.0.0.1") -> list[ServerCert]:
+    """The live certificates of SERVERS (read over TLS, never guessed), one per serial.
+
+    Raises:
+        ServerError: a server did not answer.
+    """
+    by_serial: dict[int, tuple[bytes, list[str]]] = {}
+    for s in servers:
+        if not s.running:
+            continue
+        cert = tlsprobe.probe(address, s.port, timeout=10)
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        entry = by_serial.setdefault(cert.get_serial_number(), (der, []))
+        entry[1].append(s.nickname)
+    return [ServerCert(der=d, serial=serial, servers=tuple(n))
+            for serial, (d, n) in sorted(by_serial.items())]
+
+
+def script_text(host: str) -> str:
+    text = resources.files("farm").joinpath("trust_script.sh").read_text()
+    return text.replace("@HOST@", host)
+
+
+def export(certs: list[ServerCert], directory: Path, host: str) -> list[Path]:
+    """Write each certificate (DER `.cert`, as stap-authorize-cert takes, and `.pem`), the
+    trust script and instructions into DIRECTORY. Returns the files written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for c in certs:
+        stem = f"{host}-{c.certinfo.replace(':', '')}"
+        for suffix, data in ((".cert", c.der), (".pem", c.pem)):
+            path = directory / f"{stem}{suffix}"
+            path.write_bytes(data)
+            written.append(path)
+    script = directory / SCRIPT
+    script.write_text(script_text(host))
+    script.chmod(0o755)
+    readme = directory / "README.txt"
+    readme.write_text(
+        f"Compile servers of {host} (stapfarm). On each client host, as the user who runs stap:\n"
+        f"    sh {SCRIPT}                 # trust them for this user\n"
+        f"    sudo sh {SCRIPT} --all-users   # for every user\n"
+        f"    sudo sh {SCRIPT} --signer      # let staprun load modules they signed\n"
+        f"    sh {SCRIPT} --revoke        # stop trusting them\n"
+        "Needs certutil (Debian: libnss3-tools). Serials (certinfo):\n"
+        + "".join(f"    {c.certinfo}  ({', '.join(c.servers)})\n" for c in certs))
+    written += [script, readme]
+    return written
+
+
+def apply(client: Any, image: str, certs: list[ServerCert], db: str, *, revoke: bool,
+          uid: int, gid: int, host: str) -> str:
+    """Install (or revoke) CERTS in the NSS database DB on this host; return the script's
+    output. Runs the exported script in the farm's image, as UID, with DB mounted.
+
+    Raises:
+        ServerError: certutil failed.
+    """
+    import docker.errors
+
+    os.makedirs(db, mode=0o700 if not db.startswith("/etc/") else 0o755, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="stapfarm-trust-") as tmp:
+        export(certs, Path(tmp), host)
+        os.chmod(tmp, 0o755)
+        for f in Path(tmp).iterdir():
+            f.chmod(0o644 if f.suffix != ".sh" else 0o755)
+        args = ["--db", db] + (["--revoke"] if revoke else [])
+        try:
+            out = client.containers.run(
+                image, entrypoint=["/bin/sh", f"/in/{SCRIPT}"], command=args,
+                user=f"{uid}:{gid}", environment={"HOME": "/tmp"}, network_mode="none",
+                volumes={tmp: {"bind": "/in", "mode": "ro"}, db: {"bind": db, "mode": "rw"}},
+                remove=True, stderr=True)
+        except docker.errors.ContainerError as e:
+            raise ServerError(f"updating {db} failed: "
+                              f"{(e.stderr or b'').decode(errors='replace').strip()}") from e
+    return str(out.decode("utf-8", "replace"))

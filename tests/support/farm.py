@@ -1,0 +1,63 @@
+"""Drive the farm's `stap-server` in-process against the real engine, for end-to-end tests."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from farm.cli import main
+from tests.support.client import client_stap
+
+CERT = "state/home/stap-server/.systemtap/ssl/server/stap.cert"
+
+
+@dataclass
+class Farm:
+    """A farm with private CONFIG_PATH/STAT_PATH/LOG_FILE/STATE_DIR under ROOT, and a client."""
+
+    env: dict[str, str]
+    root: Path
+    client: Any  # the stap client container
+    host: str  # the name the client uses for the farm
+    releases: dict[str, str]
+
+    def run(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stderr(err):
+            rc = main(list(argv), environ=self.env, stdout=out, stderr=err)
+        return rc, out.getvalue(), err.getvalue()
+
+    def status(self) -> list[dict[str, Any]]:
+        _, out, _ = self.run("status", "--json")
+        servers: list[dict[str, Any]] = json.loads(out)["servers"]
+        return servers
+
+    def server(self, nickname: str) -> dict[str, Any]:
+        return next(s for s in self.status() if s["nickname"] == nickname)
+
+    def stap(self, server: dict[str, Any], args: list[str], files: dict[str, str] | None = None,
+             host: str | None = None) -> tuple[int, str, dict[str, bytes]]:
+        arch = server["config"]["arch"]
+        rel = server["config"]["releases"][0]
+        return client_stap(self.client, [f"--use-server={host or self.host}:{server['port']}",
+                                         "-a", arch, "-r", rel, "-p4", *args], files)
+
+    def cert(self) -> bytes:
+        return (self.root / CERT).read_bytes()
+
+
+def make_farm(root: Path, farm_environ: dict[str, str], client: Any, host: str,
+              releases: dict[str, str]) -> Farm:
+    """A Farm whose global file is the session's plus private paths under ROOT."""
+    for sub in ("conf.d", "run", "log", "state"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    base = Path(farm_environ["STAPFARM_CONFIG_FILE"]).read_text()
+    gfile = root / "global"
+    gfile.write_text(base + f"\nCONFIG_PATH={root}/conf.d\nSTAT_PATH={root}/run\n"
+                     f"LOG_FILE={root}/log/stap-server.log\nSTATE_DIR={root}/state\n")
+    env = dict(farm_environ, STAPFARM_CONFIG_FILE=str(gfile))
+    return Farm(env=env, root=root, client=client, host=host, releases=releases)
