@@ -39,3 +39,7 @@ class Backend(Protocol):
     def stop(self, server: RunningServer) -> None:
         """Stop SERVER and remove its container (certificates and log stay)."""
         ...
+
+    def notices(self) -> list[str]:
+        """Lines `status` adds after the servers (advertiser state, certificate expiry)."""
+        ...

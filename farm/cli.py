@@ -425,11 +425,18 @@ def _run(action: Action, o: Options, g: GlobalConfig, host: Host, backend: Backe
     steps = plan(action, requests, observed, defaults)
     if action is Action.STATUS:
         code = status_exit_code(steps)
+        notices = backend.notices()
         if o.json:
-            out.write(status_json(steps, code))
+            out.write(status_json(steps, code, notices))
         else:
             out.write("".join(status_line(st) + "\n" for st in steps))
-        _sync_stat(g.stat_path, observed, err, quiet=True)
+            out.write("".join(f"{n}\n" for n in notices))
+        # As upstream deletes the stat file of a dead server once status has reported it,
+        # the farm removes the dead server's container.
+        for stale in [s for s in observed if not s.running]:
+            with contextlib.suppress(FarmError):
+                backend.stop(stale)
+        _sync_stat(g.stat_path, [s for s in observed if s.running], err, quiet=True)
         return code
     statfile.ensure_dir(g.stat_path)
     runner = _Runner(backend, out, err, observed)

@@ -54,6 +54,10 @@ class DockerBackend:
 
     def _observe(self, c: Any) -> RunningServer:
         cfg = config_from_json(c.labels[labels.CONFIG])
+        deadline = time.monotonic() + 10
+        while c.status == "restarting" and time.monotonic() < deadline:
+            time.sleep(0.2)  # the restart policy is bringing a crashed daemon back
+            c.reload()
         pid = self._daemon_pid(c) if c.status == "running" else 0
         return RunningServer(config=cfg, pid=pid, port=int(c.labels.get(labels.PORT, "0")),
                              container=c.id, running=pid > 0)
@@ -71,6 +75,25 @@ class DockerBackend:
             if any(DAEMON in part for part in proc[pid_col + 1:]):
                 return int(proc[pid_col])
         return 0
+
+    def notices(self) -> list[str]:
+        """Certificates close to expiry (30 days ahead), for `status`."""
+        lines = []
+        dbs = set()
+        for server in self.list_servers():
+            cfg = server.config
+            dbs.add(cfg.ssl or os.path.join(self.gcfg.state_dir, "home", cfg.user, CERT_DIR))
+        for db in sorted(dbs):
+            cert = os.path.join(db, "stap.cert")
+            try:
+                left = cert_days_left(cert)
+            except (OSError, ValueError):
+                continue
+            if left < WARN_DAYS:
+                lines.append(f"warning: the certificate in {db} expires in {max(left, 0):.0f} "
+                             f"days; it is renewed at the next start within {RENEW_DAYS} days "
+                             "of expiry, and clients must then trust the new one")
+        return lines
 
     # ------------------------------------------------------------------ start
     def plan_for(self, cfg: ServerConfig) -> BuildPlan:

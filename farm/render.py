@@ -109,8 +109,9 @@ _STATE = {Step.STATUS_RUNNING: "running", Step.STATUS_STALE: "stale",
           Step.STATUS_NOT_RUNNING: "not-running", Step.STATUS_UNKNOWN: "unknown"}
 
 
-def status_json(steps: Sequence[PlannedStep], exit_code: int) -> str:
-    """`status --json`: {"servers": [...], "exit_code": N}, one entry per listed server."""
+def status_json(steps: Sequence[PlannedStep], exit_code: int,
+                notices: Sequence[str] = ()) -> str:
+    """`status --json`: {"servers": [...], "notices": [...], "exit_code": N}."""
     servers: list[dict[str, Any]] = []
     for st in steps:
         if st.kind is Step.STATUS_NONE:
@@ -126,7 +127,8 @@ def status_json(steps: Sequence[PlannedStep], exit_code: int) -> str:
             entry["config"] = config_json(st.config)
             entry["nickname"] = entry["nickname"] or st.config.nickname
         servers.append(entry)
-    return json.dumps({"servers": servers, "exit_code": exit_code}, indent=2) + "\n"
+    return json.dumps({"servers": servers, "notices": list(notices), "exit_code": exit_code},
+                      indent=2) + "\n"
 
 
 USAGE = f"""\

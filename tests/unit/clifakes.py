@@ -21,6 +21,7 @@ class FakeBackend:
     def __init__(self) -> None:
         self.servers: dict[str, RunningServer] = {}
         self.calls: list[tuple[str, object]] = []
+        self.notice_lines: list[str] = []
         self.next_pid = 1000
         self.next_port = 40000
         self.fail_start: Callable[[ServerConfig], str | None] = lambda c: None
@@ -62,6 +63,9 @@ class FakeBackend:
         if problem:
             raise ServerError(problem)
         self.servers.pop(server.container, None)
+
+    def notices(self) -> list[str]:
+        return list(self.notice_lines)
 
     @property
     def started(self) -> list[ServerConfig]:

@@ -374,6 +374,23 @@ def test_status_stale_server(farm: Farm) -> None:
                      "running\n")
 
 
+def test_status_reports_a_dead_server_once_then_cleans_it_up(farm: Farm) -> None:
+    dead = farm.backend.add(config(farm), pid=55, running=False)
+    assert farm.run("status").rc == 1
+    assert farm.backend.stopped == [dead]
+    r = farm.run("status")
+    assert r.rc == 3
+
+
+def test_status_prints_the_backends_notices_in_text_and_json(farm: Farm) -> None:
+    farm.run("start", "-n", "a")
+    farm.backend.notice_lines = ["mDNS advertiser: running"]
+    r = farm.run("status")
+    assert r.rc == 0 and r.out.endswith("\nmDNS advertiser: running\n")
+    doc = json.loads(farm.run("status", "--json").out)
+    assert doc["notices"] == ["mDNS advertiser: running"]
+
+
 def test_status_json(farm: Farm) -> None:
     farm.run("start", "-n", "a", "--port", "5001")
     r = farm.run("status", "--json", "-n", "a", "-n", "ghost")
