@@ -349,7 +349,11 @@ def run_foreground(advertiser: Advertiser, stop: threading.Event | None = None) 
 
 
 def configure_logging(stream: Any = None, level: int = logging.INFO) -> None:
+    """Log the advertiser's lines to STREAM (replacing an earlier call's handler)."""
+    for old in [h for h in log.handlers if getattr(h, "_farm", False)]:
+        log.removeHandler(old)
     handler = logging.StreamHandler(stream or sys.stderr)
+    handler._farm = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%b %d %H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(level)

@@ -229,9 +229,34 @@ def trust_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: 
     return _run(run, p, argv, environ, out, err)
 
 
+def mdns_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    """stap-server mdns [-c FILE]... [--interface X]...: the advertiser in the foreground"""
+    p = _Parser(prog="stap-server mdns",
+                description="Advertise the farm's servers over mDNS in the foreground "
+                            "(what the advertiser container runs), until interrupted.")
+    p.add_argument("-c", dest="config", action="append", help="global configuration file")
+    p.add_argument("--interface", action="append", default=[],
+                   help="interface name or IPv4 address (default: MDNS_INTERFACES, else "
+                        "every LAN interface)")
+
+    def run(ns: argparse.Namespace, gcfg: GlobalConfig, env: Mapping[str, str], o: TextIO,
+            e: TextIO) -> int:
+        from farm import advertiser
+
+        advertiser.configure_logging(e)
+        adv = advertiser.Advertiser(lambda: _client(env), _prefix(env),
+                                    ns.interface or gcfg.mdns_interfaces,
+                                    advertiser.probe_address(gcfg.listen_address))
+        advertiser.run_foreground(adv)
+        return EXIT_OK
+
+    return _run(run, p, argv, environ, out, err)
+
+
 ACTIONS: dict[str, Action] = {
     "images": images_action,
     "kernels": kernels_action,
+    "mdns": mdns_action,
     "trust": trust_action,
 }
 

@@ -239,3 +239,35 @@ def test_a_failing_publisher_never_crashes_the_advertiser() -> None:
     w.engine.running.append(cross())
     w.answering[40001] = 1
     assert w.adv.resync() >= 0
+
+
+def test_advertiser_container_spec() -> None:
+    from docker.types import Mount
+
+    from farm.advertiser_image import container_spec
+
+    spec = container_spec("stapfarm/advertiser:latest", "sha256:1", "farm", ["br0", "10.0.0.5"],
+                          "127.0.0.1", test_label="t1")
+    digest = spec["labels"].pop(labels.SPEC_HASH)
+    assert spec == {
+        "image": "stapfarm/advertiser:latest",
+        "name": "farm-advertiser",
+        "command": ["--prefix", "farm", "--probe-address", "127.0.0.1",
+                    "--interface", "br0", "--interface", "10.0.0.5"],
+        "network_mode": "host",
+        "mounts": [Mount("/var/run/docker.sock", "/var/run/docker.sock", type="bind")],
+        "restart_policy": {"Name": "unless-stopped"},
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "mem_limit": "128m",
+        "pids_limit": 64,
+        "stop_signal": "SIGTERM",
+        "labels": {labels.OWNER: "farm", labels.KIND: "advertiser", labels.TEST: "t1"},
+    }
+    other_image = container_spec("stapfarm/advertiser:latest", "sha256:2", "farm",
+                                 ["br0", "10.0.0.5"], "127.0.0.1", test_label="t1")
+    assert other_image["labels"][labels.SPEC_HASH] != digest  # a rebuilt image: recreate
+    same = container_spec("stapfarm/advertiser:latest", "sha256:1", "farm",
+                          ["br0", "10.0.0.5"], "127.0.0.1", test_label="t2")
+    assert same["labels"][labels.SPEC_HASH] == digest  # labels are not the spec
