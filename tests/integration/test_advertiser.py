@@ -1,0 +1,205 @@
+"""Issue 5, shown with python-zeroconf: a browser on the test bridge sees exactly the farm's
+services appear when a server starts and disappear (goodbyes) on stop and on `docker kill`.
+
+Every mDNS socket here (advertiser and browser) is bound to the test bridge's gateway address
+only. The farm itself runs with MDNS_INTERFACES=none, so no advertiser container competes with
+the one under test.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import redirect_stderr
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from farm import labels, tlsprobe
+from farm.advertiser import Advertiser
+from farm.arch import ARM64
+from farm.cli import main
+from farm.dockerclient import connect
+from farm.mdns import SERVICE_TYPE
+from tests.conftest import KernelTrees
+from tests.support.client import network_gateway
+
+pytestmark = [pytest.mark.docker]
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class Browser:
+    """The `_stap._tcp` services a python-zeroconf browser on one address sees."""
+
+    def __init__(self, address: str) -> None:
+        from zeroconf import IPVersion, ServiceBrowser, Zeroconf
+
+        self.zc = Zeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
+        self.names: set[str] = set()
+        self.events: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self.browser = ServiceBrowser(self.zc, SERVICE_TYPE, handlers=[self._on_change])
+
+    def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
+        from zeroconf import ServiceStateChange
+
+        with self._lock:
+            self.events.append((state_change.name, name))
+            if state_change is ServiceStateChange.Removed:
+                self.names.discard(name)
+            else:
+                self.names.add(name)
+
+    def current(self) -> set[str]:
+        with self._lock:
+            return set(self.names)
+
+    def resolve(self, name: str) -> Any:
+        info = self.zc.get_service_info(SERVICE_TYPE, name, timeout=5000)
+        assert info is not None, f"{name} did not resolve"
+        return info
+
+    def close(self) -> None:
+        self.browser.cancel()
+        self.zc.close()
+
+
+class Farm:
+    def __init__(self, env: dict[str, str], root: Path) -> None:
+        self.env, self.root = env, root
+
+    def run(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stderr(err):
+            rc = main(list(argv), environ=self.env, stdout=out, stderr=err)
+        return rc, out.getvalue(), err.getvalue()
+
+    def servers(self) -> list[dict[str, Any]]:
+        _rc, out, _err = self.run("status", "--json")
+        return list(json.loads(out)["servers"]) if out.strip() else []
+
+
+@pytest.fixture(scope="module")
+def farm(kernel_trees: KernelTrees, farm_environ: dict[str, str], session_dir: Path) -> Any:
+    kernel_trees.tree(ARM64, ARM64)  # headers only: the emulated server needs no debuginfo
+    root = session_dir / "advertiser"
+    for sub in ("conf.d", "run", "log", "state"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    base = Path(farm_environ["STAPFARM_CONFIG_FILE"]).read_text()
+    gfile = root / "global"
+    gfile.write_text(base + f"\nCONFIG_PATH={root}/conf.d\nSTAT_PATH={root}/run\n"
+                     f"LOG_FILE={root}/log/stap-server.log\nSTATE_DIR={root}/state\n"
+                     "MDNS_INTERFACES=none\n")
+    f = Farm(dict(farm_environ, STAPFARM_CONFIG_FILE=str(gfile)), root)
+    yield f
+    f.run("stop")
+
+
+@pytest.fixture
+def gateway(docker_client: Any, test_network: Any) -> str:
+    return network_gateway(docker_client, test_network)
+
+
+@pytest.fixture
+def browser(gateway: str) -> Iterator[Browser]:
+    b = Browser(gateway)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def advertiser(gateway: str, test_prefix: str) -> Iterator[Advertiser]:
+    adv = Advertiser(lambda: connect(), test_prefix, [gateway], "127.0.0.1",
+                     resync_interval=2.0)
+    adv.start()
+    yield adv
+    adv.close()
+
+
+def _start(farm: Farm, kernel_trees: KernelTrees) -> dict[str, Any]:
+    rel = kernel_trees.release(ARM64)
+    rc, out, err = farm.run("start", "-a", "aarch64", "-r", rel, "--strategy", "emulated",
+                            "-n", "emu")
+    assert rc == 0, out + err
+    return next(s for s in farm.servers() if s["nickname"] == "emu")
+
+
+def _expected_txt(farm: Farm, docker_client: Any, server: dict[str, Any], rel: str) -> bytes:
+    cert = tlsprobe.probe("127.0.0.1", server["port"])
+    certinfo = tlsprobe.certinfo(cert.get_serial_number())
+    stored = farm.root / "state/home/stap-server/.systemtap/ssl/server/stap.cert"
+    from cryptography import x509
+
+    assert x509.load_der_x509_certificate(stored.read_bytes()).serial_number == \
+        cert.get_serial_number()
+    _code, out = docker_client.containers.get(server["container"]).exec_run(["stap", "-V"])
+    version = re.search(r"\(version ([0-9.]+)/", out.decode()).group(1)  # type: ignore[union-attr]
+    strings = [f"sysinfo={rel} arm64", "optinfo=", f"version={version}",
+               f"certinfo={certinfo}"]
+    return b"".join(bytes([len(s)]) + s.encode() for s in strings)
+
+
+def test_services_appear_on_start_and_go_on_stop_and_on_docker_kill(
+        farm: Farm, kernel_trees: KernelTrees, docker_client: Any, browser: Browser,
+        advertiser: Advertiser, gateway: str) -> None:
+    import socket
+
+    host = socket.gethostname()
+    expected = f"Systemtap Compile Server on {host}.{SERVICE_TYPE}"
+    rel = kernel_trees.release(ARM64)
+    assert browser.current() == set()
+
+    server = _start(farm, kernel_trees)
+    wait_for("the service to appear", lambda: browser.current() == {expected})
+    info = browser.resolve(expected)
+    assert info.port == server["port"]
+    assert info.parsed_addresses() == [gateway]
+    assert info.server == f"{host}.local."
+    assert info.text == _expected_txt(farm, docker_client, server, rel)
+
+    rc, out, err = farm.run("stop")
+    assert rc == 0, out + err
+    wait_for("the service to go on stop", lambda: browser.current() == set())
+    assert ("Removed", expected) in browser.events
+
+    server = _start(farm, kernel_trees)
+    wait_for("the service to come back", lambda: browser.current() == {expected})
+    browser.events.clear()
+    docker_client.containers.get(server["container"]).kill()
+    wait_for("the service to go on docker kill", lambda: ("Removed", expected) in browser.events)
+
+
+def test_advertiser_restart_withdraws_and_readvertises(
+        farm: Farm, kernel_trees: KernelTrees, browser: Browser, gateway: str,
+        test_prefix: str, docker_client: Any) -> None:
+    live = [s for s in farm.servers() if s["state"] == "running"]
+    if not live:
+        _start(farm, kernel_trees)
+    first = Advertiser(lambda: connect(), test_prefix, [gateway], "127.0.0.1")
+    first.start()
+    try:
+        wait_for("the service to appear", lambda: len(browser.current()) == 1)
+    finally:
+        first.close()
+    wait_for("goodbyes when the advertiser stops", lambda: browser.current() == set())
+    second = Advertiser(lambda: connect(), test_prefix, [gateway], "127.0.0.1")
+    second.start()
+    try:
+        wait_for("the service to reappear", lambda: len(browser.current()) == 1)
+    finally:
+        second.close()
+    servers = docker_client.containers.list(filters={"label": [
+        f"{labels.OWNER}={test_prefix}", f"{labels.KIND}=server"]})
+    assert servers, "the server kept running through the advertiser's restart"
