@@ -62,7 +62,7 @@ class Mirror:
             with tempfile.NamedTemporaryFile() as f:
                 f.write(data)
                 f.flush()
-                proc = subprocess.run(["gpgv", "--keyring", keyring, f.name],
+                proc = subprocess.run(["gpgv", "--keyring", keyring, f.name], check=False,
                                       capture_output=True, text=True)
             if proc.returncode != 0:
                 raise MirrorError(

@@ -84,7 +84,8 @@ def ensure_base(client: Any, arch: Arch, gcfg: GlobalConfig, say: Say) -> str:
     except docker.errors.APIError:
         say("no registry reachable: bootstrapping the base from Debian packages (debootstrap)")
     script = images_dir() / "bootstrap-base.sh"
-    proc = subprocess.run(["bash", str(script), SUITE, arch.debian, tag, gcfg.debian_mirror])
+    proc = subprocess.run(["bash", str(script), SUITE, arch.debian, tag, gcfg.debian_mirror],
+                          check=False)
     if proc.returncode != 0:
         raise ImageError(f"bootstrapping base image {tag} failed (exit {proc.returncode})",
                          hint="debootstrap needs root, and qemu-user-static with binfmt_misc "

@@ -280,7 +280,7 @@ class TreeStore:
                debug_only: bool, say: Say) -> str:
         """Stream PKG into STAGING in the volume; return its .kernelvariables if any."""
         say(f"downloading {pkg.name} {pkg.version} ({pkg.size / 1e6:.1f} MB)")
-        keep_debug = (f"./usr/lib/debug/boot/", f"./usr/lib/debug/lib/modules/{release}/vmlinux")
+        keep_debug = ("./usr/lib/debug/boot/", f"./usr/lib/debug/lib/modules/{release}/vmlinux")
         kernelvariables = ""
         with tempfile.TemporaryFile(dir="/var/tmp") as spool:
             with tarfile.open(fileobj=spool, mode="w") as out:
