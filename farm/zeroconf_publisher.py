@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 import threading
@@ -39,6 +40,7 @@ class ZeroconfPublisher:
         self._zc: Any = None
         self._browser: Any = None
         self._infos: dict[ServiceKey, Any] = {}
+        self._live: set[int] = set()  # ids of the infos zeroconf has registered
         self._seen: set[str] = set()  # instance names browsed on the network (lowercase)
         self._lock = threading.Lock()
 
@@ -66,18 +68,18 @@ class ZeroconfPublisher:
         """Instance names of `_stap._tcp` services on the network that are not ours."""
         with self._lock:
             seen = set(self._seen)
-        ours = {self.actual_name(k).lower() for k in self._infos}
+        ours = {n.lower() for n in self.published().values()}
         return seen - ours
 
     def actual_name(self, key: ServiceKey) -> str:
         """The instance name zeroconf really published for KEY (after any collision rename)."""
         info = self._infos.get(key)
-        if info is None:
-            return ""
-        return str(info.name)[:-len(SERVICE_TYPE) - 1]
+        return "" if info is None else _instance(info)
 
     def published(self) -> dict[ServiceKey, str]:
-        return {k: self.actual_name(k) for k in self._infos}
+        with self._lock:
+            keys = list(self._infos)
+        return {k: self.actual_name(k) for k in keys}
 
     def _info(self, svc: Service, name: str | None = None) -> Any:
         from zeroconf import ServiceInfo
@@ -87,46 +89,66 @@ class ZeroconfPublisher:
                            addresses=[socket.inet_aton(a) for a in self.addresses])
 
     def apply(self, changes: Changes) -> None:
-        """Withdraw, update and register as CHANGES says; registration problems are logged
-        (a service that could not be registered is retried by the next apply)."""
+        """Withdraw, update and register as CHANGES says. Registrations still probing after
+        OP_TIMEOUT finish in the background; one that fails is dropped from published(), so
+        the next apply retries it."""
         if self._zc is None:
             raise RuntimeError("publisher is not open")
-        removes = [self._infos.pop(s.key) for s in changes.remove if s.key in self._infos]
-        updates = []
-        for s in changes.update:
-            if s.key in self._infos:
-                info = self._info(s, self._infos[s.key].name)
-                self._infos[s.key] = info
-                updates.append(info)
-        adds = [(s, self._info(s)) for s in changes.add]
-        future = asyncio.run_coroutine_threadsafe(
-            self._apply(removes, updates, [i for _, i in adds]), self._zc.loop)
-        results = future.result(OP_TIMEOUT)
-        for (svc, info), result in zip(adds, results):
-            if isinstance(result, BaseException):
-                log.error("Avahi entry group failure: registering '%s' failed: %s",
-                          svc.name, result)
-                continue
-            self._infos[svc.key] = info
-            got = self.actual_name(svc.key)
-            if got != svc.name:
-                log.warning("Avahi service name collision, renaming service '%s' to '%s'",
-                            svc.name, got)
-            log.info("Avahi service '%s' successfully established.", got)
-        for info in removes:
-            log.info("Avahi service '%s' withdrawn.", str(info.name)[:-len(SERVICE_TYPE) - 1])
+        with self._lock:
+            removes = [self._infos.pop(s.key) for s in changes.remove if s.key in self._infos]
+            updates = []
+            for s in changes.update:
+                if s.key in self._infos:
+                    info = self._info(s, self._infos[s.key].name)
+                    self._infos[s.key] = info
+                    updates.append(info)
+            adds = []
+            for s in changes.add:
+                info = self._info(s)
+                self._infos[s.key] = info  # in flight: published() counts it already
+                adds.append((s, info))
+        future = asyncio.run_coroutine_threadsafe(self._apply(removes, updates, adds),
+                                                  self._zc.loop)
+        try:
+            future.result(OP_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            log.warning("mDNS registration is slow; it goes on in the background")
 
     async def _apply(self, removes: list[Any], updates: list[Any],
-                     adds: list[Any]) -> list[Any]:
+                     adds: list[tuple[Service, Any]]) -> None:
         zc = self._zc
         for info in removes:
-            await zc.async_unregister_service(info)  # goodbyes go out in the background
+            if id(info) in self._live:  # one still probing is withdrawn when it is done
+                self._live.discard(id(info))
+                await zc.async_unregister_service(info)  # goodbyes go out in the background
+                log.info("Avahi service '%s' withdrawn.", _instance(info))
         for info in updates:
             await zc.async_update_service(info)
-        # Probing takes ~0.75 s per name; do every name at once.
-        return list(await asyncio.gather(
-            *(zc.async_register_service(info, allow_name_change=True) for info in adds),
-            return_exceptions=True))
+            self._live.add(id(info))
+        # Probing takes ~1 s per name; probe every name at once.
+        await asyncio.gather(*(self._register(svc, info) for svc, info in adds))
+
+    async def _register(self, svc: Service, info: Any) -> None:
+        zc = self._zc
+        try:
+            await zc.async_register_service(info, allow_name_change=True)
+        except Exception as e:  # noqa: BLE001 - never crash: dropped, retried next time
+            log.error("Avahi entry group failure: registering '%s' failed: %s", svc.name, e)
+            with self._lock:
+                if self._infos.get(svc.key) is info:
+                    del self._infos[svc.key]
+            return
+        with self._lock:
+            wanted = self._infos.get(svc.key) is info
+        if not wanted:  # withdrawn while it was probing
+            await zc.async_unregister_service(info)
+            return
+        self._live.add(id(info))
+        got = _instance(info)
+        if got != svc.name:
+            log.warning("Avahi service name collision, renaming service '%s' to '%s'",
+                        svc.name, got)
+        log.info("Avahi service '%s' successfully established.", got)
 
     def withdraw_all(self) -> None:
         if self._infos:
@@ -142,9 +164,14 @@ class ZeroconfPublisher:
                 self._browser.cancel()
             if self._infos:
                 zc.unregister_all_services()
-                self._infos.clear()
+                with self._lock:
+                    self._infos.clear()
         finally:
             zc.close()
+
+
+def _instance(info: Any) -> str:
+    return str(info.name)[:-len(SERVICE_TYPE) - 1]
 
 
 def _stub(key: ServiceKey) -> Service:

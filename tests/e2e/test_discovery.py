@@ -1,0 +1,176 @@
+"""Issue 5, end to end: the farm's advertiser container publishes its servers, a Debian 13
+client running avahi-daemon on the test bridge sees them, and `stap --use-server` with no
+address picks the aarch64 (cross) server and gets an AArch64 module.
+
+The advertiser container is told MDNS_INTERFACES=<the test bridge's gateway> through the
+test's global file: no mDNS leaves on an interface the test did not create.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import time
+from contextlib import redirect_stderr
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from farm import tlsprobe
+from farm.advertiser_image import advertiser_state, container_name, ensure_advertiser
+from farm.arch import ARM64, X86_64
+from farm.cli import main
+from farm.config import load_global
+from farm.mdns import parse_stap_version
+from tests.conftest import KernelTrees, elf_machine
+from tests.support.client import (
+    authorize_cert,
+    client_stap,
+    network_gateway,
+    start_avahi,
+    start_client,
+)
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+HELLO = 'probe begin { println("hello"); exit() }'
+
+
+@dataclass
+class Farm:
+    env: dict[str, str]
+    root: Path
+    client: Any
+    gateway: str
+    release: str
+    server: dict[str, Any]
+
+    def run(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stderr(err):
+            rc = main(list(argv), environ=self.env, stdout=out, stderr=err)
+        return rc, out.getvalue(), err.getvalue()
+
+
+def _retire(docker_client: Any, prefix: str) -> None:
+    import docker.errors
+
+    try:
+        c = docker_client.containers.get(container_name(prefix))
+    except docker.errors.NotFound:
+        return
+    c.stop(timeout=5)  # goodbyes
+    c.remove(force=True)
+
+
+@pytest.fixture(scope="module")
+def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, str],
+         session_dir: Path, test_network: Any, test_label: str, test_prefix: str) -> Any:
+    kernel_trees.tree(X86_64, ARM64)
+    gateway = network_gateway(docker_client, test_network)
+    root = session_dir / "discovery"
+    for sub in ("conf.d", "run", "log", "state"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    base = Path(farm_environ["STAPFARM_CONFIG_FILE"]).read_text()
+    gfile = root / "global"
+    gfile.write_text(base + f"\nCONFIG_PATH={root}/conf.d\nSTAT_PATH={root}/run\n"
+                     f"LOG_FILE={root}/log/stap-server.log\nSTATE_DIR={root}/state\n"
+                     f"MDNS_INTERFACES={gateway}\n")
+    env = dict(farm_environ, STAPFARM_CONFIG_FILE=str(gfile))
+    client = start_client(docker_client, test_network, test_label, hostname_aliases={})
+    start_avahi(client)
+    f = Farm(env=env, root=root, client=client, gateway=gateway,
+             release=kernel_trees.release(ARM64), server={})
+    try:
+        rc, out, err = f.run("start", "-a", "aarch64", "-r", f.release, "-n", "cross")
+        assert rc == 0, out + err
+        # `start` brings the advertiser up; calling it again must be harmless (idempotent)
+        adv = ensure_advertiser(docker_client, load_global([], env), test_prefix, test_label)
+        assert adv is not None
+        rc, out, err = f.run("status", "--json")
+        f.server = next(s for s in json.loads(out)["servers"] if s["nickname"] == "cross")
+        cert = (root / "state/home/stap-server/.systemtap/ssl/server/stap.cert").read_bytes()
+        authorize_cert(client, cert)
+        yield f
+    finally:
+        f.run("stop")
+        _retire(docker_client, test_prefix)
+
+
+def _unescape(field: str) -> str:
+    """avahi-browse -p writes special characters as decimal escapes (`\\032` = space)."""
+    return re.sub(r"\\([0-9]{3})", lambda m: chr(int(m.group(1))), field)
+
+
+def _browse(client: Any) -> list[list[str]]:
+    _code, out = client.exec_run(["avahi-browse", "-rtp", "_stap._tcp"])
+    rows = [line.split(";") for line in out.decode("utf-8", "replace").splitlines()
+            if line.startswith("=;")]
+    return [r[:3] + [_unescape(r[3])] + r[4:] for r in rows]
+
+
+def _advertiser_log(docker_client: Any, prefix: str) -> str:
+    c = docker_client.containers.get(container_name(prefix))
+    return str(c.logs(tail=40).decode("utf-8", "replace"))
+
+
+def test_advertiser_container_runs_on_the_test_bridge_only(farm: Farm, docker_client: Any,
+                                                           test_prefix: str) -> None:
+    state = advertiser_state(docker_client, test_prefix)
+    assert state == (f"mDNS advertiser: running ({container_name(test_prefix)}, "
+                     f"on {farm.gateway})")
+    c = docker_client.containers.get(container_name(test_prefix))
+    assert c.attrs["HostConfig"]["NetworkMode"] == "host"
+    assert c.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+
+
+def test_avahi_browse_shows_the_service_with_upstreams_txt(farm: Farm, docker_client: Any,
+                                                          test_prefix: str) -> None:
+    host = socket.gethostname()
+    _, v = docker_client.containers.get(farm.server["container"]).exec_run(["stap", "-V"])
+    version = parse_stap_version(v.decode())
+    certinfo = tlsprobe.certinfo(
+        tlsprobe.probe("127.0.0.1", farm.server["port"]).get_serial_number())
+    deadline = time.monotonic() + 60
+    rows: list[list[str]] = []
+    while time.monotonic() < deadline:
+        rows = [r for r in _browse(farm.client) if r[8] == str(farm.server["port"])]
+        if rows:
+            break
+        time.sleep(0.5)
+    log = _advertiser_log(docker_client, test_prefix)
+    assert [r[3] for r in rows] == [f"Systemtap Compile Server on {host}"], (rows, log)
+    row = rows[0]
+    assert row[2] == "IPv4" and row[4] == "_stap._tcp" and row[6] == f"{host}.local"
+    assert row[7] == farm.gateway
+    txt = row[9]
+    for s in (f'"sysinfo={farm.release} arm64"',
+              '"optinfo=-BCROSS_COMPILE=aarch64-linux-gnu-"',
+              f'"version={version}"', f'"certinfo={certinfo}"'):
+        assert s in txt, txt
+
+
+def test_list_servers_shows_the_aarch64_server(farm: Farm) -> None:
+    deadline = time.monotonic() + 60
+    out = ""
+    while time.monotonic() < deadline:
+        rc, out, _ = client_stap(farm.client, ["--list-servers=online,trusted,compatible",
+                                               "-a", "arm64", "-r", farm.release])
+        assert rc == 0, out
+        if f'sysinfo="{farm.release} arm64"' in out:
+            break
+        time.sleep(0.5)
+    assert f'sysinfo="{farm.release} arm64"' in out, out
+    assert f"port={farm.server['port']}" in out and f"address={farm.gateway}" in out
+
+
+def test_use_server_with_no_address_gets_an_aarch64_module(farm: Farm) -> None:
+    rc, out, modules = client_stap(farm.client, ["--use-server", "-a", "arm64", "-r",
+                                                 farm.release, "-p4", "-m", "hello",
+                                                 "-e", HELLO])
+    assert rc == 0, out
+    assert elf_machine(modules["hello.ko"]) == ARM64.elf_machine
