@@ -7,14 +7,66 @@ IMAGE_BUILD_FLAGS ?= --allow-expired-release
 export IMAGE_BUILD_FLAGS
 PYTEST_FLAGS ?=
 
-.PHONY: setup up test test-fast lint clean-test
+.PHONY: setup up down test test-fast lint clean-test
 
 setup:
 	bash scripts/setup.sh
 
+# `make up`: the lab farm of compose.yaml. Releases: STAPFARM_RELEASE_X86_64 / _ARM64 when set,
+# else the newest release the farm has a tree for (x86_64 image), else the mirror's newest
+# (added). KERNEL_FLAGS=--debuginfo adds vmlinux for DWARF probes. TRUST_DIR receives
+# `stap-server trust --export` for clients.
+COMPOSE_PROJECT ?= $(or $(STAPFARM_PREFIX),stapfarm)
+KERNEL_FLAGS ?=
+TRUST_DIR ?= /var/lib/stapfarm/trust
+SS := .venv/bin/stap-server
+# newest tree of target $$1 in the x86_64 image's volume (by the headers package's version)
+NEWEST_TREE = $(PY) -c 'import functools as f, json, sys; from farm.debian import compare_versions as c; \
+  v = lambda t: t["packages"].get("linux-headers-" + t["release"], "0"); \
+  ts = [t for t in json.load(sys.stdin) if t["arch"] == sys.argv[1] and t["image_arch"] == "x86_64"]; \
+  print(max(ts, key=f.cmp_to_key(lambda a, b: c(v(a), v(b))))["release"] if ts else "")'
+
 up: setup
-	@echo "stapfarm: set-up complete. The lab farm (compose.yaml) is not part of this release yet;"
-	@echo "stapfarm: start servers with: .venv/bin/stap-server start -a x86_64 -r <release>"
+	@set -e; prefix=$${STAPFARM_PREFIX:-stapfarm}; \
+	rel() { \
+	  r=$$($(SS) kernels list --json | $(NEWEST_TREE) $$1); \
+	  [ -n "$$r" ] || r=$$($(SS) kernels available -a $$1 | sed -n 1p | cut -f 2); \
+	  [ -n "$$r" ] || { echo "stapfarm: no $$1 kernel release on the mirror" >&2; exit 1; }; \
+	  echo "$$r"; }; \
+	x86=$${STAPFARM_RELEASE_X86_64:-$$(rel x86_64)}; arm=$${STAPFARM_RELEASE_ARM64:-$$(rel arm64)}; \
+	echo "stapfarm: releases x86_64 $$x86, aarch64 $$arm"; \
+	$(SS) kernels add -a x86_64 -r "$$x86" $(KERNEL_FLAGS); \
+	$(SS) kernels add -a aarch64 -r "$$arm" $(KERNEL_FLAGS); \
+	$(PY) -c 'from farm import advertiser_image as a, config, dockerclient; import os; \
+	  a.ensure_image(dockerclient.connect(), config.load_global([], os.environ), print)'; \
+	export STAPFARM_PREFIX=$$prefix STAPFARM_RELEASE_X86_64=$$x86 STAPFARM_RELEASE_ARM64=$$arm; \
+	export STAPFARM_HOSTNAME=$${STAPFARM_HOSTNAME:-$$(hostname)}; \
+	export STAPFARM_KERNELS_VOLUME=$${STAPFARM_KERNELS_VOLUME:-$$prefix-kernels-amd64}; \
+	export STAPFARM_HOME_VOLUME=$${STAPFARM_HOME_VOLUME:-$$prefix-home}; \
+	export STAPFARM_LOG_VOLUME=$${STAPFARM_LOG_VOLUME:-$$prefix-log}; \
+	docker compose -p $(COMPOSE_PROJECT) up -d; \
+	xp=$${STAPFARM_X86_64_PORT:-5101}; ap=$${STAPFARM_AARCH64_PORT:-5102}; \
+	for p in $$xp $$ap; do end=$$(( $$(date +%s) + 120 )); \
+	  until $(PY) -c 'import sys; from farm import tlsprobe; tlsprobe.probe("127.0.0.1", int(sys.argv[1]), timeout=3.0)' $$p 2>/dev/null; do \
+	    [ $$(date +%s) -lt $$end ] || { echo "stapfarm: port $$p does not answer TLS; see: docker compose -p $(COMPOSE_PROJECT) logs" >&2; exit 1; }; \
+	    sleep 1; done; done; \
+	$(SS) status; \
+	$(SS) trust --export $(TRUST_DIR) >/dev/null; \
+	h=$$STAPFARM_HOSTNAME; \
+	echo; echo "stapfarm: the lab farm is up (docker compose -p $(COMPOSE_PROJECT); make down stops it)."; \
+	echo "stapfarm: on a client (Debian: apt-get install systemtap systemtap-client libnss3-tools), as the user who runs stap:"; \
+	echo; \
+	echo "  scp -r root@$$h:$(TRUST_DIR) /tmp/stapfarm-trust && sh /tmp/stapfarm-trust/trust-farm.sh   # once"; \
+	echo "  stap --use-server=$$h:$$ap -a arm64 -r $$arm -p4 -m hello -e 'probe begin { println(\"hello\"); exit() }'"; \
+	echo "  stap --use-server=$$h:$$xp -a x86_64 -r $$x86 -p4 -m hello -e 'probe begin { println(\"hello\"); exit() }'"; \
+	echo; \
+	echo "stapfarm: for docker compose commands in this shell: export STAPFARM_RELEASE_X86_64=$$x86 STAPFARM_RELEASE_ARM64=$$arm STAPFARM_HOSTNAME=$$h"
+
+# `make down`: stop and remove the lab farm's containers (volumes are kept: certificates, cache,
+# log; `docker compose -p stapfarm down -v` removes them too).
+down:
+	STAPFARM_RELEASE_X86_64=$${STAPFARM_RELEASE_X86_64:-none} STAPFARM_RELEASE_ARM64=$${STAPFARM_RELEASE_ARM64:-none} \
+	  docker compose -p $(COMPOSE_PROJECT) down
 
 test: setup
 	$(PY) -m pytest $(PYTEST_FLAGS)
