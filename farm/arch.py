@@ -35,8 +35,7 @@ class Arch:
             ArchError: NAME is no architecture the farm supports.
         """
         key = name.strip().lower()
-        if key.startswith("linux/"):
-            key = key[len("linux/"):]
+        key = key.removeprefix("linux/")
         arch = _ALIASES.get(key)
         if arch is None:
             close = difflib.get_close_matches(key, sorted(_ALIASES), n=1, cutoff=0.75)

@@ -13,7 +13,7 @@ from typing import Any
 from farm import images, labels, tlsprobe
 from farm.arch import Arch
 from farm.backend import RunningServer
-from farm.container_spec import (DAEMON, HOME, Placement, config_from_json, container_spec)
+from farm.container_spec import DAEMON, HOME, Placement, config_from_json, container_spec
 from farm.errors import KernelTreeError, ServerError
 from farm.kernels import TreeStore, volume_name
 from farm.spec import GlobalConfig, ServerConfig, Strategy
@@ -219,7 +219,7 @@ class DockerBackend:
                 volumes={parent: {"bind": "/parent", "mode": "rw"}},
                 working_dir="/parent", network_mode="none", remove=True,
                 labels=self._job_labels())
-        except Exception as e:  # noqa: BLE001 - docker's ContainerError carries the output
+        except Exception as e:
             raise ServerError(f"creating the certificate database {db} failed: {e}") from e
         os.chmod(cert, 0o644)  # stap-gen-cert leaves the public certificate 0666
 
