@@ -92,8 +92,10 @@ class Farm:
 
 
 @pytest.fixture(scope="module")
-def farm(kernel_trees: KernelTrees, farm_environ: dict[str, str], session_dir: Path) -> Any:
+def farm(kernel_trees: KernelTrees, farm_environ: dict[str, str], session_dir: Path,
+         docker_client: Any, test_prefix: str) -> Any:
     kernel_trees.tree(ARM64, ARM64)  # headers only: the emulated server needs no debuginfo
+    _retire_advertiser_container(docker_client, test_prefix)  # left by another test module
     root = session_dir / "advertiser"
     for sub in ("conf.d", "run", "log", "state"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -105,6 +107,19 @@ def farm(kernel_trees: KernelTrees, farm_environ: dict[str, str], session_dir: P
     f = Farm(dict(farm_environ, STAPFARM_CONFIG_FILE=str(gfile)), root)
     yield f
     f.run("stop")
+
+
+def _retire_advertiser_container(docker_client: Any, prefix: str) -> None:
+    import docker.errors
+
+    from farm.advertiser_image import container_name
+
+    try:
+        c = docker_client.containers.get(container_name(prefix))
+    except docker.errors.NotFound:
+        return
+    c.stop(timeout=5)  # its goodbyes go out
+    c.remove(force=True)
 
 
 @pytest.fixture
