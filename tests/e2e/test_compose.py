@@ -348,6 +348,11 @@ def swarm(docker_client: Any) -> Iterator[None]:
             import docker.errors
             for n in docker_client.networks.list(names=["docker_gwbridge"]):
                 try:
+                    # engine 20.10 leaves the routing mesh's sandbox attached after `leave`
+                    n.disconnect("gateway_ingress-sbox", force=True)
+                except docker.errors.APIError:
+                    pass
+                try:
                     n.remove()
                 except docker.errors.APIError:
                     pass  # in use by something else: not ours to force
