@@ -160,6 +160,15 @@ def _existing(client: Any, prefix: str) -> Any:
         return None
 
 
+def _foreign(client: Any, prefix: str) -> Any:
+    """A running advertiser of PREFIX that the farm's CLI did not create (compose, Swarm)."""
+    for c in client.containers.list(filters={"label": [f"{labels.OWNER}={prefix}",
+                                                       f"{labels.KIND}=advertiser"]}):
+        if c.name != container_name(prefix):
+            return c
+    return None
+
+
 def _retire(container: Any) -> None:
     """Stop (so it sends its goodbyes) and remove an advertiser container."""
     import docker.errors
@@ -188,6 +197,9 @@ def ensure_advertiser(client: Any, gcfg: GlobalConfig, prefix: str, test_label: 
     import docker.errors
 
     current = _existing(client, prefix)
+    foreign = _foreign(client, prefix)
+    if foreign is not None:  # compose's or a stack's advertiser already follows PREFIX
+        return foreign
     if mdns.disabled(gcfg.mdns_interfaces):
         if current is not None:
             _retire(current)
@@ -216,7 +228,7 @@ def ensure_advertiser(client: Any, gcfg: GlobalConfig, prefix: str, test_label: 
 
 def advertiser_state(client: Any, prefix: str) -> str:
     """One line for `status`: whether PREFIX's advertiser runs, and where it advertises."""
-    c = _existing(client, prefix)
+    c = _existing(client, prefix) or _foreign(client, prefix)
     if c is None:
         return "mDNS advertiser: not running"
     cmd = list(c.attrs.get("Config", {}).get("Cmd") or [])

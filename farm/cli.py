@@ -504,4 +504,11 @@ def main(argv: list[str], *, environ: Mapping[str, str] | None = None,
 
 def entry_point() -> None:
     """The `stap-server` console script."""
-    sys.exit(main(sys.argv[1:]))
+    try:
+        code = main(sys.argv[1:])
+        sys.stdout.flush()
+    except BrokenPipeError:  # `stap-server kernels available | head -n 1`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        code = 141
+    sys.exit(code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import socket
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from farm import images, labels, tlsprobe
 from farm.arch import Arch
 from farm.backend import RunningServer
 from farm.container_spec import DAEMON, HOME, Placement, config_from_json, container_spec
-from farm.errors import KernelTreeError, ServerError
+from farm.errors import FarmError, KernelTreeError, ServerError
 from farm.kernels import TreeStore, volume_name
 from farm.spec import GlobalConfig, ServerConfig, Strategy
 from farm.strategy import BuildPlan, resolve
@@ -77,8 +78,10 @@ class DockerBackend:
         return 0
 
     def notices(self) -> list[str]:
-        """Certificates close to expiry (30 days ahead), for `status`."""
-        lines = []
+        """The mDNS advertiser's state and certificates close to expiry (30 days ahead)."""
+        from farm.advertiser_image import advertiser_state
+
+        lines = [advertiser_state(self.client, self.prefix)]
         dbs = set()
         for server in self.list_servers():
             cfg = server.config
@@ -121,7 +124,18 @@ class DockerBackend:
             container.remove(force=True)
             raise
         container.reload()
+        self._advertise()
         return self._observe(container)
+
+    def _advertise(self) -> None:
+        """Make sure the host's mDNS advertiser runs (it follows every farm server)."""
+        from farm.advertiser_image import ensure_advertiser
+
+        try:
+            ensure_advertiser(self.client, self.gcfg, self.prefix, self.test_label)
+        except FarmError as e:  # the server is up; it is only not advertised
+            print(f"stap-server: warning: the server is not advertised over mDNS: {e}",
+                  file=sys.stderr)
 
     def _check_trees(self, cfg: ServerConfig, plan: BuildPlan, image: str) -> None:
         wanted = [r for r in cfg.releases if not r.startswith("/")]

@@ -279,7 +279,9 @@ def farm_environ(test_prefix: str, test_label: str, session_dir: Path) -> dict[s
     state = session_dir / "state"
     state.mkdir(exist_ok=True)
     gfile = session_dir / "stap-server.global"
-    gfile.write_text(text + f"\n# tests: private state\nSTATE_DIR={state}\n")
+    # No test advertises on the machine's own interfaces: discovery tests add their bridge.
+    gfile.write_text(text + f"\n# tests: private state, no mDNS\nSTATE_DIR={state}\n"
+                     "MDNS_INTERFACES=none\n")
     env = {k: v for k, v in os.environ.items()
            if k in ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY",
                     "LANG", "TMPDIR")}
