@@ -235,7 +235,8 @@ class _Resolver:
                     os.path.join(value, "include", "config", "kernel.release")):
                 raise KernelTreeError(f"Missing {value}/include/config/kernel.release",
                                       hint="-r /PATH must be a configured kernel build tree")
-            d.releases.append(value)
+            if value not in d.releases:  # `-n X -r R` where X already has R: same server
+                d.releases.append(value)
         elif opt == "i":
             for release in self._installed_releases():
                 if release not in d.releases:

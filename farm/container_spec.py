@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from docker.types import Mount
+from docker.types import Healthcheck, Mount
 
 from farm import labels
 from farm.kernels import MOUNT as KERNELS_MOUNT
@@ -109,6 +109,14 @@ def container_spec(cfg: ServerConfig, plan: BuildPlan, where: Placement,
         "mem_limit": gcfg.memory_limit,
         "pids_limit": gcfg.pids_limit,
         "restart_policy": {"Name": "unless-stopped"},
+        "ipc_mode": "none",  # no /dev/shm: nothing in a compile needs System V/POSIX IPC
+        # Upstream has no per-connection timeout: held workers make a server unresponsive
+        # while its process lives; the health check makes that visible (docker ps, status).
+        "healthcheck": Healthcheck(
+            test=["CMD", "sh", "-c", "printf '\\0\\0\\0\\0' | timeout 5 openssl s_client "
+                  f"-quiet -connect 127.0.0.1:{where.port} >/dev/null 2>&1"],
+            interval=30_000_000_000, timeout=10_000_000_000, retries=3,
+            start_period=60_000_000_000),
         "platform": plan.image_arch.docker_platform,
     }
     if gcfg.cpus:

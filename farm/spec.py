@@ -72,6 +72,6 @@ class GlobalConfig:
     apt_allow_expired: bool = False
     memory_limit: str = "2g"
     pids_limit: int = 512
-    cpus: float = 0.0  # 0 = all host CPUs
+    cpus: float = 2.0  # per server; one compile uses one core (0 = no limit)
     tmpfs_size: str = "1g"
     sources: tuple[str, ...] = field(default=())  # global files that were read

@@ -613,3 +613,10 @@ def test_bug8_certificates_do_not_depend_on_home(farm: Farm) -> None:
     assert (rc, err.getvalue()) == (0, "")
     assert "Failed to make certificates" not in out.getvalue()
     assert farm.backend.started[0].ssl == ""  # the backend's own certificate database
+
+
+def test_naming_a_running_servers_own_release_again_is_the_same_server(farm: Farm) -> None:
+    assert farm.run("start", "-n", "x", "-r", "6.1.0-test").rc == 0
+    r = farm.run("start", "-a", "x86_64", "-r", "6.1.0-test", "-n", "x")
+    assert r.rc == 0
+    assert len(farm.backend.started) == 1  # no second server with "-r R -r R"

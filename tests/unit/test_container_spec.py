@@ -98,10 +98,20 @@ def test_config_json_round_trips_every_field() -> None:
     assert config_from_json(config_to_json(c)) == c
 
 
-def test_cpus_limit_only_when_configured() -> None:
+def test_cpu_limit_defaults_to_two_cpus_and_zero_means_none() -> None:
     from dataclasses import replace
 
     plan = resolve(Strategy.AUTO, X86_64, X86_64)
-    assert "nano_cpus" not in container_spec(cfg(arch="x86_64"), plan, WHERE, G)
+    assert container_spec(cfg(arch="x86_64"), plan, WHERE, G)["nano_cpus"] == 2_000_000_000
+    assert "nano_cpus" not in container_spec(cfg(arch="x86_64"), plan, WHERE,
+                                             replace(G, cpus=0.0))
     spec = container_spec(cfg(arch="x86_64"), plan, WHERE, replace(G, cpus=1.5))
     assert spec["nano_cpus"] == 1_500_000_000
+
+
+def test_ipc_is_off_and_health_is_checked_over_tls() -> None:
+    plan = resolve(Strategy.AUTO, X86_64, X86_64)
+    spec = container_spec(cfg(arch="x86_64"), plan, WHERE, G)
+    assert spec["ipc_mode"] == "none"
+    test = spec["healthcheck"]["Test"]
+    assert test[0] == "CMD" and "openssl s_client" in test[-1] and "127.0.0.1:5001" in test[-1]
