@@ -43,7 +43,7 @@ def build_args(gcfg: GlobalConfig, arch: Arch, allow_expired: bool = False) -> d
 def server_images_allow_expired(client: Any, gcfg: GlobalConfig, arch: Arch) -> bool:
     """Whether ARCH's server image was built accepting an expired Release file (`images
     build --allow-expired-release`): the advertiser is then built the same way."""
-    image = _image(client, images.image_tag(gcfg, arch))
+    image = images.find_image(client, images.image_tag(gcfg, arch))
     if image is None:
         return False
     args = dict(images.build_args(gcfg, arch), APT_ALLOW_EXPIRED="yes")
@@ -65,15 +65,6 @@ def inputs_hash(dockerfile: Path, package: Path, args: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _image(client: Any, tag: str) -> Any:
-    import docker.errors
-
-    try:
-        return client.images.get(tag)
-    except docker.errors.ImageNotFound:
-        return None
-
-
 def ensure_image(client: Any, gcfg: GlobalConfig, say: Say = lambda s: None) -> Any:
     """The advertiser image, built (base bootstrapped if needed) unless its inputs match.
 
@@ -85,7 +76,7 @@ def ensure_image(client: Any, gcfg: GlobalConfig, say: Say = lambda s: None) -> 
     dockerfile = images_dir() / DOCKERFILE
     digest = inputs_hash(dockerfile, PACKAGE, args)
     tag = image_tag(gcfg)
-    image = _image(client, tag)
+    image = images.find_image(client, tag)
     if image is not None and (image.labels or {}).get(labels.IMAGE_INPUTS) == digest:
         return image
     ensure_base(client, arch, gcfg, say)

@@ -60,7 +60,8 @@ def inputs_hash(directory: Path, arch: Arch, args: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _image(client: Any, tag: str) -> Any:
+def find_image(client: Any, tag: str) -> Any:
+    """The local image TAG, or None."""
     import docker.errors
 
     try:
@@ -74,7 +75,7 @@ def ensure_base(client: Any, arch: Arch, gcfg: GlobalConfig, say: Say) -> str:
     import docker.errors
 
     tag = base_tag(arch)
-    if _image(client, tag) is not None:
+    if find_image(client, tag) is not None:
         return tag
     say(f"base image {tag} is missing; trying debian:{SUITE}-slim from a registry")
     try:
@@ -96,7 +97,7 @@ def ensure_base(client: Any, arch: Arch, gcfg: GlobalConfig, say: Say) -> str:
 def status(client: Any, gcfg: GlobalConfig, arch: Arch) -> tuple[str, str]:
     """(tag, state) where state is 'up to date', 'outdated' or 'missing'."""
     tag = image_tag(gcfg, arch)
-    image = _image(client, tag)
+    image = find_image(client, tag)
     if image is None:
         return tag, "missing"
     want = inputs_hash(images_dir(), arch, build_args(gcfg, arch))
@@ -146,7 +147,7 @@ def require(client: Any, gcfg: GlobalConfig, arch: Arch) -> str:
         ImageError: it was never built.
     """
     tag = image_tag(gcfg, arch)
-    if _image(client, tag) is None:
+    if find_image(client, tag) is None:
         raise ImageError(f"server image {tag} is missing",
                          hint=f"build it with `stap-server images build -a {arch.machine}`")
     return tag
