@@ -9,25 +9,25 @@ from farm.errors import ConfigError
 from farm.mdns import ObservedServer, Service
 
 CROSS = ObservedServer(server_id="farm-aarch64-1", host="farmhost", port=40001, arch="arm64",
-                       releases=("6.12.48+deb13-arm64",),
+                       releases=("6.12.48+tst13-arm64",),
                        optinfo="-BCROSS_COMPILE=aarch64-linux-gnu-", version="5.6",
                        certinfo="00:cc:23:fd:50")
 NATIVE = ObservedServer(server_id="farm-x86_64-1", host="farmhost", port=40000, arch="x86_64",
-                        releases=("6.12.48+deb13-amd64", "6.12.41+deb13-amd64"), optinfo="",
+                        releases=("6.12.48+tst13-amd64", "6.12.41+tst13-amd64"), optinfo="",
                         version="5.6", certinfo="00:cc:23:fd:50")
 
 
 def test_txt_strings_in_upstream_order_byte_for_byte() -> None:
     [svc] = mdns.services([CROSS])
-    assert svc.strings == (b"sysinfo=6.12.48+deb13-arm64 arm64",
+    assert svc.strings == (b"sysinfo=6.12.48+tst13-arm64 arm64",
                            b"optinfo=-BCROSS_COMPILE=aarch64-linux-gnu-",
                            b"version=5.6",
                            b"certinfo=00:cc:23:fd:50")
-    assert svc.txt == (b"\x21sysinfo=6.12.48+deb13-arm64 arm64"
+    assert svc.txt == (b"\x21sysinfo=6.12.48+tst13-arm64 arm64"
                        b"\x2aoptinfo=-BCROSS_COMPILE=aarch64-linux-gnu-"
                        b"\x0bversion=5.6"
                        b"\x17certinfo=00:cc:23:fd:50")
-    assert svc.port == 40001 and svc.key == ("farm-aarch64-1", "6.12.48+deb13-arm64")
+    assert svc.port == 40001 and svc.key == ("farm-aarch64-1", "6.12.48+tst13-arm64")
 
 
 def test_empty_optinfo_and_mok_info_strings_last() -> None:
@@ -40,12 +40,12 @@ def test_empty_optinfo_and_mok_info_strings_last() -> None:
 
 
 def test_optinfo_from_the_daemons_command_line_in_upstream_order() -> None:
-    argv = ["-a", "arm64", "-r", "6.12.48+deb13-arm64", "-B", "V=1", "-B",
+    argv = ["-a", "arm64", "-r", "6.12.48+tst13-arm64", "-B", "V=1", "-B",
             "CROSS_COMPILE=aarch64-linux-gnu-", "-I", "/opt/tap", "-D", "FOO=1", "-R", "/x",
             "--log=/var/log/stapfarm/server.log", "--port", "40001", "--max-threads", "4"]
     args = mdns.parse_daemon_args(argv)
     assert args.arch == "arm64"
-    assert args.releases == ("6.12.48+deb13-arm64",)
+    assert args.releases == ("6.12.48+tst13-arm64",)
     assert args.optinfo == "-R/x -BV=1 -BCROSS_COMPILE=aarch64-linux-gnu- -DFOO=1 -I/opt/tap"
     assert mdns.parse_daemon_args(["-ax86_64", "-r/srv/tree", "-DX"]).optinfo == "-DX"
     assert mdns.parse_daemon_args(["-a", "x86_64", "--port", "5000"]).optinfo == ""
@@ -62,10 +62,10 @@ def test_stap_version_from_stap_dash_v() -> None:
 def test_one_service_per_server_and_release_named_as_avahi_would() -> None:
     named = mdns.assign_names(mdns.services([CROSS, NATIVE]))
     assert [(s.name, s.port, s.strings[0]) for s in named] == [
-        ("Systemtap Compile Server on farmhost", 40000, b"sysinfo=6.12.48+deb13-amd64 x86_64"),
+        ("Systemtap Compile Server on farmhost", 40000, b"sysinfo=6.12.48+tst13-amd64 x86_64"),
         ("Systemtap Compile Server on farmhost #2", 40000,
-         b"sysinfo=6.12.41+deb13-amd64 x86_64"),
-        ("Systemtap Compile Server on farmhost #3", 40001, b"sysinfo=6.12.48+deb13-arm64 arm64"),
+         b"sysinfo=6.12.41+tst13-amd64 x86_64"),
+        ("Systemtap Compile Server on farmhost #3", 40001, b"sysinfo=6.12.48+tst13-arm64 arm64"),
     ]
     assert named[0].fullname == "Systemtap Compile Server on farmhost._stap._tcp.local."
     # the same servers observed in another order give the same names
