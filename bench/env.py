@@ -1,0 +1,202 @@
+"""The bench's own Docker resources: prefix `stapfarmbench`, label org.stapfarm.test=bench-<id>.
+
+Everything the bench creates carries its run's label and is removed at the end, whatever
+happened — except the kernel-tree volumes `stapfarmbench-kernels-<debarch>`, which carry the
+label org.stapfarm.test=bench-cache and are kept between bench runs so that `--quick` does not
+download trees again (`python -m bench --drop-trees` removes them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from farm import config, images, kernels, labels
+from farm.arch import ARM64, X86_64, Arch
+from farm.debian import Mirror
+from farm.spec import GlobalConfig
+from tests.support import client as tclient
+from tests.support.farm import Farm, make_farm
+
+PREFIX = "stapfarmbench"
+CACHE_LABEL = "bench-cache"
+MIRROR_CACHE = Path("/var/tmp/stapfarmbench-mirror")
+UPSTREAM_KIND = "bench-upstream"
+
+
+def say(msg: str) -> None:
+    print(f"bench: {msg}", flush=True)
+
+
+@dataclass
+class BenchEnv:
+    docker: Any
+    run_id: str
+    root: Path
+    gcfg: GlobalConfig
+    mirror: Mirror
+    releases: dict[str, str] = field(default_factory=dict)  # stap arch -> release
+    images: dict[str, str] = field(default_factory=dict)  # image arch (stap) -> tag
+    network: Any = None
+    client: Any = None
+    farm: Farm | None = None
+    host: str = ""
+    farm_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"bench-{self.run_id}"
+
+    def volume(self, image_arch: Arch) -> str:
+        return kernels.volume_name(PREFIX, image_arch)
+
+    def home(self) -> Path:
+        """The farm servers' shared home (stap-server user): certificates and stap's cache."""
+        return self.root / "state" / "home" / "stap-server"
+
+
+def create(docker_client: Any) -> BenchEnv:
+    run_id = uuid.uuid4().hex[:10]
+    root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-{run_id}-"))
+    os.chmod(root, 0o755)  # the server user (uid 155) must reach its home below
+    gfile_src = config.global_file(os.environ)
+    base = Path(gfile_src).read_text() if gfile_src and os.path.exists(gfile_src) else ""
+    state = root / "state"
+    state.mkdir()
+    gfile = root / "bench.global"
+    gfile.write_text(base + f"\n# bench: private state, no mDNS\nSTATE_DIR={state}\n"
+                     "MDNS_INTERFACES=none\n")
+    gcfg = config.load_global([], {config.CONFIG_FILE_ENV: str(gfile)})
+    MIRROR_CACHE.mkdir(parents=True, exist_ok=True)
+    env = BenchEnv(docker=docker_client, run_id=run_id, root=root, gcfg=gcfg,
+                   mirror=Mirror(gcfg.debian_mirror, MIRROR_CACHE))
+    env.host = tclient.default_host_names()[0] if tclient.default_host_names() \
+        else socket.gethostname()
+    farm_env = {k: v for k, v in os.environ.items()
+                if k in ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY",
+                         "LANG", "TMPDIR")}
+    farm_env.update({"STAPFARM_PREFIX": PREFIX, "STAPFARM_TEST_LABEL": env.label,
+                     "STAPFARM_HOSTNAME": env.host, config.CONFIG_FILE_ENV: str(gfile)})
+    env.farm_env = farm_env
+    return env
+
+
+def require_images(env: BenchEnv, emulated: bool) -> None:
+    import docker.errors
+
+    for arch in (X86_64, ARM64) if emulated else (X86_64,):
+        tag = images.image_tag(env.gcfg, arch)
+        try:
+            env.docker.images.get(tag)
+        except docker.errors.ImageNotFound as e:
+            raise SystemExit(f"bench: server image {tag} is missing: run `make setup`") from e
+        env.images[arch.stap] = tag
+
+
+def _ensure_cache_volume(env: BenchEnv, image_arch: Arch) -> None:
+    import docker.errors
+
+    name = env.volume(image_arch)
+    try:
+        env.docker.volumes.get(name)
+    except docker.errors.NotFound:
+        env.docker.volumes.create(name, labels={
+            labels.OWNER: PREFIX, labels.KIND: "kernels",
+            labels.IMAGE_ARCH: image_arch.debian, labels.TEST: CACHE_LABEL})
+
+
+def ensure_trees(env: BenchEnv, emulated: bool) -> list[dict[str, Any]]:
+    """The newest release per target (asked of the mirror), and its trees in the bench's
+    cached volumes: (x86_64 image: amd64 native, arm64 cross) and with EMULATED (aarch64
+    image: arm64). Returns what was reused or added."""
+    suites = env.gcfg.kernel_suites
+    for target in (X86_64, ARM64):
+        offered = kernels.available(env.mirror, suites, target)
+        if not offered:
+            raise SystemExit(f"bench: {env.mirror.url} offers no {target.debian} kernel in "
+                             f"{' '.join(suites)}")
+        env.releases[target.stap] = offered[0]
+    wanted = [(X86_64, X86_64), (X86_64, ARM64)] + ([(ARM64, ARM64)] if emulated else [])
+    done = []
+    for image_arch, target in wanted:
+        _ensure_cache_volume(env, image_arch)
+        store = kernels.TreeStore(env.docker, PREFIX, image_arch, env.images[image_arch.stap],
+                                  test_label=env.label)
+        rel = env.releases[target.stap]
+        had = store.get(rel) is not None
+        if not had:
+            say(f"adding kernel tree {rel} ({target.debian}) to {store.volume} (kept for the "
+                "next bench run)")
+        store.add(env.mirror, suites, target, rel, say=lambda s: None)
+        done.append({"volume": store.volume, "release": rel, "target": target.stap,
+                     "reused": had})
+    return done
+
+
+def start_client(env: BenchEnv) -> None:
+    env.network = env.docker.networks.create(
+        f"{PREFIX}-{env.run_id}-net", driver="bridge",
+        labels={labels.TEST: env.label, labels.OWNER: PREFIX})
+    env.client = tclient.start_client(env.docker, env.network, env.label,
+                                      {env.host: "gateway"})
+    # make_farm's STATE_DIR is ROOT/state too: one state (home, certificate, cache) per run
+    env.farm = make_farm(env.root, env.farm_env,
+                         env.client, env.host,
+                         {"x86_64": env.releases["x86_64"], "arm64": env.releases["arm64"]})
+
+
+def cleanup(env: BenchEnv) -> list[str]:
+    """Stop the bench's servers and remove everything labelled with this run's label."""
+    import docker.errors
+
+    problems: list[str] = []
+    if env.farm is not None:
+        try:
+            rc, out, err = env.farm.run("stop")
+            if rc != 0:
+                problems.append(f"stap-server stop: {out}{err}".strip())
+        except Exception as e:  # noqa: BLE001 - the label sweep below still runs
+            problems.append(f"stap-server stop: {e}")
+    flt = {"label": f"{labels.TEST}={env.label}"}
+    for c in env.docker.containers.list(all=True, filters=flt):
+        try:
+            c.remove(force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            problems.append(f"container {c.name}: {e}")
+    for n in env.docker.networks.list(filters=flt):
+        try:
+            n.reload()
+            for cid in (n.attrs.get("Containers") or {}):
+                n.disconnect(cid, force=True)
+            n.remove()
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            problems.append(f"network {n.name}: {e}")
+    for v in env.docker.volumes.list(filters=flt):
+        try:
+            v.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            problems.append(f"volume {v.name}: {e}")
+    shutil.rmtree(env.root, ignore_errors=True)
+    return problems
+
+
+def drop_trees(docker_client: Any) -> list[str]:
+    """Remove the bench's cached kernel-tree volumes."""
+    removed = []
+    for v in docker_client.volumes.list(filters={"label": f"{labels.TEST}={CACHE_LABEL}"}):
+        if v.name.startswith(f"{PREFIX}-kernels-"):
+            v.remove(force=True)
+            removed.append(v.name)
+    return removed
