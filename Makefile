@@ -7,7 +7,7 @@ IMAGE_BUILD_FLAGS ?= --allow-expired-release
 export IMAGE_BUILD_FLAGS
 PYTEST_FLAGS ?=
 
-.PHONY: setup up down test test-fast lint clean-test
+.PHONY: setup up down test test-fast lint clean-test bench
 
 setup:
 	bash scripts/setup.sh
@@ -77,3 +77,10 @@ test-fast:
 lint:
 	$(PY) -m ruff check farm tests
 	$(PY) -m mypy farm
+
+# `make bench`: the benchmark harness (issue 8), not a test; BENCH_FLAGS=--quick for the
+# developer's loop. Results go to bench/results/<date>.{json,md,png}; see bench/README.md.
+BENCH_FLAGS ?=
+bench: setup
+	.venv/bin/pip install -q matplotlib || echo "bench: matplotlib unavailable: no chart"
+	$(PY) -m bench $(BENCH_FLAGS)
