@@ -289,7 +289,7 @@ class TreeStore:
                     for info, data in iter_data_members(raw, pkg, _progress(pkg.name, say)):
                         if debug_only and not info.name.startswith(keep_debug):
                             continue
-                        if info.name.startswith("./usr/share/doc"):
+                        if info.name.startswith("./usr/share/"):  # docs, lintian overrides
                             continue
                         if info.name.endswith("/.kernelvariables") and data is not None:
                             content = data.read()
