@@ -10,7 +10,7 @@ from farm.advertiser import Advertiser
 from farm.errors import ServerError
 from farm.mdns import Changes, ServiceKey
 
-REL = "6.12.48+deb13-arm64"
+REL = "6.12.48+tst13-arm64"
 
 
 @dataclass
@@ -148,7 +148,7 @@ def test_a_server_is_advertised_once_it_answers_tls() -> None:
     w.answering[40001] = 0xCC23FD50
     assert w.adv.resync() > 1
     assert w.names() == {"Systemtap Compile Server on farmhost": (
-        b"\x21sysinfo=6.12.48+deb13-arm64 arm64"
+        b"\x21sysinfo=6.12.48+tst13-arm64 arm64"
         b"\x2aoptinfo=-BCROSS_COMPILE=aarch64-linux-gnu-"
         b"\x0bversion=5.6\x17certinfo=00:cc:23:fd:50")}
     assert w.probes[-1] == ("127.0.0.1", 40001)
