@@ -23,6 +23,7 @@ from farm.debian import Mirror
 from farm.spec import GlobalConfig
 from tests.support import client as tclient
 from tests.support.farm import Farm, make_farm
+from tests.support.resources import cleanup_label
 
 PREFIX = "stapfarmbench"
 CACHE_LABEL = "bench-cache"
@@ -153,8 +154,6 @@ def start_client(env: BenchEnv) -> None:
 
 def cleanup(env: BenchEnv) -> list[str]:
     """Stop the bench's servers and remove everything labelled with this run's label."""
-    import docker.errors
-
     problems: list[str] = []
     if env.farm is not None:
         try:
@@ -163,31 +162,7 @@ def cleanup(env: BenchEnv) -> list[str]:
                 problems.append(f"stap-server stop: {out}{err}".strip())
         except Exception as e:  # noqa: BLE001 - the label sweep below still runs
             problems.append(f"stap-server stop: {e}")
-    flt = {"label": f"{labels.TEST}={env.label}"}
-    for c in env.docker.containers.list(all=True, filters=flt):
-        try:
-            c.remove(force=True, v=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as e:
-            problems.append(f"container {c.name}: {e}")
-    for n in env.docker.networks.list(filters=flt):
-        try:
-            n.reload()
-            for cid in (n.attrs.get("Containers") or {}):
-                n.disconnect(cid, force=True)
-            n.remove()
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as e:
-            problems.append(f"network {n.name}: {e}")
-    for v in env.docker.volumes.list(filters=flt):
-        try:
-            v.remove(force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as e:
-            problems.append(f"volume {v.name}: {e}")
+    problems += cleanup_label(env.docker, env.label)
     shutil.rmtree(env.root, ignore_errors=True)
     return problems
 

@@ -48,6 +48,7 @@ from farm import images, kernels, labels
 from farm.arch import ARM64, X86_64, Arch
 from farm.debian import Mirror
 from farm.errors import DockerUnavailable
+from tests.support.resources import cleanup_label
 
 SUITES = ("trixie",)  # Debian 13: the kernels the issue asks the farm to build for
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -80,42 +81,6 @@ def docker_client() -> Any:
                     "tests instead)", pytrace=False)
     yield client
     client.close()
-
-
-def cleanup_label(client: Any, label: str) -> list[str]:
-    """Remove every container, network and volume labelled org.stapfarm.test=LABEL.
-
-    Returns what could not be removed (empty when everything went).
-    """
-    import docker.errors
-
-    flt = {"label": f"{labels.TEST}={label}"}
-    problems: list[str] = []
-    for c in client.containers.list(all=True, filters=flt):
-        try:
-            c.remove(force=True, v=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as e:
-            problems.append(f"container {c.name}: {e}")
-    for n in client.networks.list(filters=flt):
-        try:
-            n.reload()
-            for cid in (n.attrs.get("Containers") or {}):
-                n.disconnect(cid, force=True)
-            n.remove()
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as e:
-            problems.append(f"network {n.name}: {e}")
-    for v in client.volumes.list(filters=flt):
-        try:
-            v.remove(force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as e:
-            problems.append(f"volume {v.name}: {e}")
-    return problems
 
 
 @pytest.fixture(scope="session")

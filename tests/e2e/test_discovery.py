@@ -34,6 +34,7 @@ from tests.support.client import (
     start_avahi,
     start_client,
 )
+from tests.support.farm import private_environ
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -73,14 +74,7 @@ def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, 
     kernel_trees.tree(X86_64, ARM64)
     gateway = network_gateway(docker_client, test_network)
     root = session_dir / "discovery"
-    for sub in ("conf.d", "run", "log", "state"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    base = Path(farm_environ["STAPFARM_CONFIG_FILE"]).read_text()
-    gfile = root / "global"
-    gfile.write_text(base + f"\nCONFIG_PATH={root}/conf.d\nSTAT_PATH={root}/run\n"
-                     f"LOG_FILE={root}/log/stap-server.log\nSTATE_DIR={root}/state\n"
-                     f"MDNS_INTERFACES={gateway}\n")
-    env = dict(farm_environ, STAPFARM_CONFIG_FILE=str(gfile))
+    env = private_environ(root, farm_environ, f"MDNS_INTERFACES={gateway}\n")
     client = start_client(docker_client, test_network, test_label, hostname_aliases={})
     start_avahi(client)
     f = Farm(env=env, root=root, client=client, gateway=gateway,

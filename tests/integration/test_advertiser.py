@@ -28,6 +28,7 @@ from farm.dockerclient import connect
 from farm.mdns import SERVICE_TYPE
 from tests.conftest import KernelTrees
 from tests.support.client import network_gateway
+from tests.support.farm import private_environ
 
 pytestmark = [pytest.mark.docker]
 
@@ -97,14 +98,7 @@ def farm(kernel_trees: KernelTrees, farm_environ: dict[str, str], session_dir: P
     kernel_trees.tree(ARM64, ARM64)  # headers only: the emulated server needs no debuginfo
     _retire_advertiser_container(docker_client, test_prefix)  # left by another test module
     root = session_dir / "advertiser"
-    for sub in ("conf.d", "run", "log", "state"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    base = Path(farm_environ["STAPFARM_CONFIG_FILE"]).read_text()
-    gfile = root / "global"
-    gfile.write_text(base + f"\nCONFIG_PATH={root}/conf.d\nSTAT_PATH={root}/run\n"
-                     f"LOG_FILE={root}/log/stap-server.log\nSTATE_DIR={root}/state\n"
-                     "MDNS_INTERFACES=none\n")
-    f = Farm(dict(farm_environ, STAPFARM_CONFIG_FILE=str(gfile)), root)
+    f = Farm(private_environ(root, farm_environ, "MDNS_INTERFACES=none\n"), root)
     yield f
     f.run("stop")
 

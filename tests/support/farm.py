@@ -50,14 +50,20 @@ class Farm:
         return (self.root / CERT).read_bytes()
 
 
-def make_farm(root: Path, farm_environ: dict[str, str], client: Any, host: str,
-              releases: dict[str, str]) -> Farm:
-    """A Farm whose global file is the session's plus private paths under ROOT."""
+def private_environ(root: Path, farm_environ: dict[str, str], extra: str = "") -> dict[str, str]:
+    """FARM_ENVIRON with a global file of its own: the session's, then private
+    CONFIG_PATH/STAT_PATH/LOG_FILE/STATE_DIR under ROOT, then EXTRA lines (later lines win)."""
     for sub in ("conf.d", "run", "log", "state"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     base = Path(farm_environ["STAPFARM_CONFIG_FILE"]).read_text()
     gfile = root / "global"
     gfile.write_text(base + f"\nCONFIG_PATH={root}/conf.d\nSTAT_PATH={root}/run\n"
-                     f"LOG_FILE={root}/log/stap-server.log\nSTATE_DIR={root}/state\n")
-    env = dict(farm_environ, STAPFARM_CONFIG_FILE=str(gfile))
+                     f"LOG_FILE={root}/log/stap-server.log\nSTATE_DIR={root}/state\n" + extra)
+    return dict(farm_environ, STAPFARM_CONFIG_FILE=str(gfile))
+
+
+def make_farm(root: Path, farm_environ: dict[str, str], client: Any, host: str,
+              releases: dict[str, str], extra: str = "") -> Farm:
+    """A Farm whose global file is private_environ's (EXTRA: more global lines)."""
+    env = private_environ(root, farm_environ, extra)
     return Farm(env=env, root=root, client=client, host=host, releases=releases)
