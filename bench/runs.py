@@ -8,17 +8,15 @@ not counted; the host's wall clock is recorded beside them.
 
 from __future__ import annotations
 
-import io
 import re
-import tarfile
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from farm import images, kernels, labels
 from tests.support import client as tclient
+from tests.support.stap_run import run_in_image
 
 STAMP = re.compile(r"^BENCH_NS (\d+) (\d+) (\d+)$", re.MULTILINE)
 # stap's own exit code is reported on the stamp line, the container's is the shell's
@@ -82,60 +80,13 @@ def clear_client_cache(container: Any) -> None:
     container.exec_run(["rm", "-rf", f"{tclient.HOME}/.systemtap/cache"])
 
 
-def _tar(files: Mapping[str, str], top: str, uid: int) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        d = tarfile.TarInfo(top)
-        d.type, d.mode, d.uid, d.gid = tarfile.DIRTYPE, 0o755, uid, uid
-        tar.addfile(d)
-        for name, data in files.items():
-            raw = data.encode()
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size, info.mode, info.uid, info.gid = len(raw), 0o644, uid, uid
-            tar.addfile(info, io.BytesIO(raw))
-    return buf.getvalue()
-
-
 def bare_run(docker_client: Any, image: str, volume: str, args: list[str], label: str,
              files: Mapping[str, str] | None = None, platform: str | None = None,
              timeout: float = 1800) -> Run:
     """`stap ARGS` run directly in a throwaway container of IMAGE, as tests/conftest.run_stap
     does (read-only root, tmpfs /tmp and home — so stap's cache is always cold — kernel
     VOLUME read-only, user stap-server, no network), timed inside the container."""
-    import requests.exceptions
-
-    uid = images.server_uid()
-    lab = {labels.TEST: label, labels.KIND: "job"}
-    workdir = "/work"
-    work = docker_client.volumes.create(f"{volume}-run-{uuid.uuid4().hex[:10]}", labels=lab)
-    container = None
-    try:
-        kw: dict[str, Any] = {"platform": platform} if platform else {}
-        container = docker_client.containers.create(
-            image, entrypoint=["/usr/bin/tini", "--", "sh", "-c",
-                               f'cd {workdir}/m && BENCH_OUT=/tmp/.out && {TIMED}', "stap"],
-            command=list(args), user="stap-server", read_only=True, network_mode="none",
-            tmpfs={"/tmp": "exec", "/home/stap-server": f"uid={uid},gid={uid},mode=0700"},
-            environment={"HOME": "/home/stap-server", "TMPDIR": "/tmp"},
-            volumes={volume: {"bind": kernels.MOUNT, "mode": "ro"},
-                     work.name: {"bind": workdir, "mode": "rw"}},
-            labels=lab, **kw)
-        container.put_archive(workdir, _tar(files or {}, "m", uid))
-        t0 = time.monotonic()
-        container.start()
-        try:
-            container.wait(timeout=timeout)
-        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-            container.kill()
-        wall = time.monotonic() - t0
-        output = container.logs(stdout=True, stderr=True).decode("utf-8", "replace")
-        stream, _ = container.get_archive(f"{workdir}/m")
-        mods = []
-        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-            mods = [i.name.rsplit("/", 1)[-1] for i in tar
-                    if i.isfile() and i.name.endswith((".ko", ".ko.sgn"))]
-        return _parse(output, wall, mods)
-    finally:
-        if container is not None:
-            container.remove(force=True)
-        work.remove(force=True)
+    _, output, modules, wall = run_in_image(
+        docker_client, image, volume, args, label, files, platform, timeout=timeout,
+        shell=f"BENCH_OUT=/tmp/.out && {TIMED}")
+    return _parse(output, wall, list(modules))

@@ -27,11 +27,9 @@ Helpers (import with `from tests.conftest import run_stap, elf_machine, vermagic
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import sys
-import tarfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -49,10 +47,10 @@ from farm.arch import ARM64, X86_64, Arch
 from farm.debian import Mirror
 from farm.errors import DockerUnavailable
 from tests.support.resources import cleanup_label
+from tests.support.stap_run import run_in_image
 
 SUITES = ("trixie",)  # Debian 13: the kernels the issue asks the farm to build for
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-WORK = "/work"  # where run_stap's per-run volume is mounted; stap runs in WORK/m
 
 
 # --------------------------------------------------------------------------- engine
@@ -275,20 +273,6 @@ def _label_of_volume(client: Any, volume: str) -> str:
         return ""
 
 
-def _tar(files: Mapping[str, bytes | str], top: str, uid: int) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        d = tarfile.TarInfo(top)
-        d.type, d.mode, d.uid, d.gid = tarfile.DIRTYPE, 0o755, uid, uid
-        tar.addfile(d)
-        for name, data in files.items():
-            raw = data.encode() if isinstance(data, str) else data
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size, info.mode, info.uid, info.gid = len(raw), 0o644, uid, uid
-            tar.addfile(info, io.BytesIO(raw))
-    return buf.getvalue()
-
-
 def run_stap(docker_client: Any, image: str, volume: str, args: list[str],
              files: Mapping[str, bytes | str] | None = None, platform: str | None = None, *,
              test_label: str | None = None,
@@ -304,54 +288,13 @@ def run_stap(docker_client: Any, image: str, volume: str, args: list[str],
     Returns (exit code, stdout+stderr, {module file name: bytes}); exit code 124 and no
     modules when stap did not finish within TIMEOUT seconds.
     """
-    import docker.errors
-    import requests.exceptions
-
     label = test_label or _label_of_volume(docker_client, volume)
     if not label:
         raise ValueError(f"run_stap: volume {volume} has no {labels.TEST} label; pass "
                          "test_label= so the run is cleaned up")
-    uid = images.server_uid()
-    lab = {labels.TEST: label, labels.KIND: "job"}
-    work = docker_client.volumes.create(f"{volume}-run-{uuid.uuid4().hex[:10]}", labels=lab)
-    container = None
-    try:
-        kwargs: dict[str, Any] = {"platform": platform} if platform else {}
-        container = docker_client.containers.create(
-            image, entrypoint=["/usr/bin/tini", "--", "sh", "-c",
-                               f'cd {WORK}/m && exec stap "$@"', "stap"],
-            command=list(args), user="stap-server", read_only=True, network_mode="none",
-            tmpfs={"/tmp": "exec", "/home/stap-server": f"uid={uid},gid={uid},mode=0700"},
-            environment={"HOME": "/home/stap-server", "TMPDIR": "/tmp"},
-            volumes={volume: {"bind": kernels.MOUNT, "mode": "ro"},
-                     work.name: {"bind": WORK, "mode": "rw"}},
-            labels=lab, **kwargs)
-        container.put_archive(WORK, _tar(files or {}, "m", uid))
-        container.start()
-        try:
-            code = int(container.wait(timeout=timeout)["StatusCode"])
-        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-            container.kill()
-            output = container.logs().decode("utf-8", "replace")
-            return 124, output + f"\n[run_stap: no result after {timeout:.0f} s]", {}
-        output = container.logs(stdout=True, stderr=True).decode("utf-8", "replace")
-        modules: dict[str, bytes] = {}
-        stream, _ = container.get_archive(f"{WORK}/m")
-        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-            for info in tar:
-                if info.isfile() and (info.name.endswith(".ko")
-                                      or info.name.endswith(".ko.sgn")):
-                    data = tar.extractfile(info)
-                    if data is not None:
-                        modules[info.name.rsplit("/", 1)[-1]] = data.read()
-        return code, output, modules
-    finally:
-        if container is not None:
-            try:
-                container.remove(force=True)
-            except docker.errors.NotFound:
-                pass
-        work.remove(force=True)
+    code, output, modules, _ = run_in_image(docker_client, image, volume, args, label, files,
+                                            platform, timeout=timeout)
+    return code, output, modules
 
 
 # --------------------------------------------------------------------------- ELF

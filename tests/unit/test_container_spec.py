@@ -6,8 +6,16 @@ from docker.types import Mount
 
 from farm import labels
 from farm.arch import ARM64, X86_64
-from farm.container_spec import (HOME, LOG, SSL, Placement, config_from_json, config_to_json,
-                                 container_spec, daemon_args)
+from farm.container_spec import (
+    HOME,
+    LOG,
+    SSL,
+    Placement,
+    config_from_json,
+    config_to_json,
+    container_spec,
+    daemon_args,
+)
 from farm.spec import GlobalConfig, ServerConfig, Strategy
 from farm.strategy import resolve
 

@@ -27,7 +27,7 @@ def test_certinfo_is_der_serial_bytes_as_lowercase_colon_hex() -> None:
 def _cert(tmp: Path, serial: int) -> ssl.SSLContext:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Systemtap Compile Server")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(serial)
             .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
