@@ -18,6 +18,8 @@ class RunningServer:
     container: str  # backend handle (container id)
     running: bool  # False: it exists but its daemon is gone (crashed, engine restart...)
     certinfo: str = ""  # certificate serial as lowercase colon hex, when known
+    # why a running server cannot serve (e.g. a kernel tree removed under it), for `status`
+    problems: tuple[str, ...] = ()
 
     @property
     def nickname(self) -> str:

@@ -16,7 +16,8 @@ from farm.arch import Arch
 from farm.backend import RunningServer
 from farm.container_spec import DAEMON, HOME, Placement, config_from_json, container_spec
 from farm.errors import FarmError, KernelTreeError, ServerError
-from farm.kernels import TreeStore, volume_name
+from farm.kernels import MANIFESTS, TreeStore, volume_name
+from farm.kernels import MOUNT as KERNELS_MOUNT
 from farm.spec import GlobalConfig, ServerConfig, Strategy
 from farm.strategy import BuildPlan, resolve
 
@@ -61,7 +62,25 @@ class DockerBackend:
             c.reload()
         pid = self._daemon_pid(c) if c.status == "running" else 0
         return RunningServer(config=cfg, pid=pid, port=int(c.labels.get(labels.PORT, "0")),
-                             container=c.id, running=pid > 0)
+                             container=c.id, running=pid > 0,
+                             problems=self._tree_problems(c, cfg) if pid > 0 else ())
+
+    def _tree_problems(self, c: Any, cfg: ServerConfig) -> tuple[str, ...]:
+        """A line per release whose kernel tree is gone from the volume the running server
+        mounts (`kernels remove` under it): its requests for that release fail until the
+        tree is added again. Looked at from inside the server, so it is what stap sees."""
+        wanted = [r for r in cfg.releases if not r.startswith("/")]
+        if not wanted:
+            return ()
+        try:
+            plan = self.plan_for(cfg)
+            code, out = c.exec_run(["sh", "-c", TREE_CHECK, "tree-check", *wanted])
+        except Exception:  # noqa: BLE001 - a container that just went away: nothing to say
+            return ()
+        if code != 0:
+            return ()
+        gone = out.decode("utf-8", "replace").split()
+        return tuple(tree_problem(r, plan) for r in wanted if r in gone)
 
     @staticmethod
     def _daemon_pid(c: Any) -> int:
@@ -150,12 +169,10 @@ class DockerBackend:
         for rel in wanted:
             tree = have.get(rel)
             if tree is None or tree.arch != plan.target.stap:
-                emulated = " --strategy emulated" if plan.strategy is Strategy.EMULATED else ""
                 raise KernelTreeError(
                     f"no kernel tree for release {rel} ({plan.target}) for the "
                     f"{plan.image_arch.machine} image",
-                    hint=f"add it with `stap-server kernels add -a {plan.target.machine} "
-                         f"-r {rel}{emulated}`")
+                    hint=f"add it with `{add_tree_command(rel, plan)}`")
 
     @staticmethod
     def _server_user(user: str) -> tuple[int, int]:
@@ -310,6 +327,23 @@ class DockerBackend:
             return
         except docker.errors.APIError as e:
             raise ServerError(f"docker could not stop {c.name}: {e.explanation or e}") from e
+
+
+# Prints each release ("$@") whose tree is not complete in the kernel volume: its manifest
+# (written last by `kernels add`, removed first by `kernels remove`) or its build tree gone.
+TREE_CHECK = (f'for r; do [ -f "{KERNELS_MOUNT}/{MANIFESTS}/$r.json" ] && '
+              f'[ -e "{KERNELS_MOUNT}/usr/lib/modules/$r/build/Makefile" ] || echo "$r"; done')
+
+
+def add_tree_command(release: str, plan: BuildPlan) -> str:
+    """The command that adds RELEASE's tree to the volume PLAN's image uses."""
+    emulated = " --strategy emulated" if plan.strategy is Strategy.EMULATED else ""
+    return f"stap-server kernels add -a {plan.target.machine} -r {release}{emulated}"
+
+
+def tree_problem(release: str, plan: BuildPlan) -> str:
+    """What `status` says about a running server whose tree for RELEASE is gone."""
+    return f"kernel tree {release} ({plan.target}) missing: {add_tree_command(release, plan)}"
 
 
 def cert_days_left(cert_path: str) -> float:

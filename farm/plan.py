@@ -229,9 +229,13 @@ def _plan_status(requests: Sequence[Request] | None,
 
 
 def status_exit_code(steps: Sequence[PlannedStep]) -> int:
-    """0 when every listed server runs, 1 for a stale one, 3 for none / not running / unknown."""
+    """0 when every listed server runs, 1 for a stale one or a running one that cannot serve
+    (RunningServer.problems: a kernel tree removed under it), 3 for none / not running /
+    unknown."""
     kinds = {st.kind for st in steps}
-    if Step.STATUS_STALE in kinds:
+    if Step.STATUS_STALE in kinds or any(
+            st.kind is Step.STATUS_RUNNING and st.server is not None and st.server.problems
+            for st in steps):
         return EXIT_FAILED
     if kinds & {Step.STATUS_NONE, Step.STATUS_NOT_RUNNING, Step.STATUS_UNKNOWN}:
         return EXIT_NOT_RUNNING

@@ -76,11 +76,13 @@ def step_header(step: PlannedStep) -> str:
 
 
 def status_line(step: PlannedStep) -> str:
-    """One line of `status` for STEP."""
+    """The `status` line for STEP; a running server that cannot serve (a kernel tree removed
+    under it) gets one more line per problem, indented: `  kernel tree R (ARCH) missing: …`."""
     k = step.kind
     if k is Step.STATUS_RUNNING:
         assert step.server is not None
-        return f"{PROG} {running_options(step.server)} running as PID {step.server.pid}"
+        line = f"{PROG} {running_options(step.server)} running as PID {step.server.pid}"
+        return "\n".join([line, *(f"  {p}" for p in step.server.problems)])
     if k is Step.STATUS_STALE:
         assert step.server is not None
         return (f"{PROG} {running_options(step.server)} started as PID {step.server.pid} "
@@ -123,6 +125,7 @@ def status_json(steps: Sequence[PlannedStep], exit_code: int,
             entry.update(nickname=st.server.nickname, pid=st.server.pid,
                          port=st.server.port or None, container=st.server.container,
                          certinfo=st.server.certinfo or None)
+            entry["problems"] = list(st.server.problems)
         if st.config is not None:
             entry["config"] = config_json(st.config)
             entry["nickname"] = entry["nickname"] or st.config.nickname
