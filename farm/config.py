@@ -340,9 +340,15 @@ def resolve_server(d: ServerDraft, g: GlobalConfig, host: Host) -> ServerConfig:
 _GLOBAL_PATHS = {"CONFIG_PATH": "config_path", "STAT_PATH": "stat_path",
                  "LOG_FILE": "log_file", "STATE_DIR": "state_dir", "MODULES_DIR": "modules_dir"}
 _GLOBAL_WORDS = {"MDNS_INTERFACES": "mdns_interfaces", "CERT_NAMES": "cert_names",
-                 "KERNEL_SUITES": "kernel_suites"}
+                 "KERNEL_SUITES": "kernel_suites", "ENDPOINT_OFFER": "endpoint_offer"}
 _GLOBAL_OTHER = ("STAP_USER", "STRATEGY", "IMAGE_PREFIX", "LISTEN_ADDRESS", "DEBIAN_MIRROR",
-                 "APT_ALLOW_EXPIRED", "MEMORY_LIMIT", "PIDS_LIMIT", "CPUS", "TMPFS_SIZE")
+                 "APT_ALLOW_EXPIRED", "MEMORY_LIMIT", "PIDS_LIMIT", "CPUS", "TMPFS_SIZE",
+                 "ENDPOINT_PORT", "ENDPOINT_METRICS_PORT", "ENDPOINT_PROVISION",
+                 "ENDPOINT_CACHE_SIZE", "ENDPOINT_MAX_CONNECTIONS", "ENDPOINT_IDLE_TIMEOUT")
+_ENDPOINT_INTS = {"ENDPOINT_PORT": (1, 65535, "a port number"),
+                  "ENDPOINT_METRICS_PORT": (0, 65535, "a port number (0 = off)"),
+                  "ENDPOINT_MAX_CONNECTIONS": (1, 100000, "a connection count"),
+                  "ENDPOINT_IDLE_TIMEOUT": (1, 3600, "a number of seconds")}
 GLOBAL_VARIABLES = tuple(_GLOBAL_PATHS) + tuple(_GLOBAL_WORDS) + _GLOBAL_OTHER
 _YES = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
 
@@ -449,12 +455,17 @@ def parse_global_text(text: str, path: str, base: GlobalConfig, environ: Mapping
                 changes["listen_address"] = str(ipaddress.ip_address(value))
             except ValueError:
                 problems.append(f"{a.where}: LISTEN_ADDRESS: '{value}' is not an IP address")
-        elif a.name == "APT_ALLOW_EXPIRED":
+        elif a.name in ("APT_ALLOW_EXPIRED", "ENDPOINT_PROVISION"):
             if value.lower() in _YES:
-                changes["apt_allow_expired"] = _YES[value.lower()]
+                changes[a.name.lower()] = _YES[value.lower()]
             else:
-                problems.append(f"{a.where}: APT_ALLOW_EXPIRED: '{value}' is not yes or no")
-        elif a.name in ("MEMORY_LIMIT", "TMPFS_SIZE"):
+                problems.append(f"{a.where}: {a.name}: '{value}' is not yes or no")
+        elif a.name in _ENDPOINT_INTS:
+            lo, hi, what = _ENDPOINT_INTS[a.name]
+            n = _parse_int(replace(a, value=value), lo, hi, what, problems)
+            if n is not None:
+                changes[a.name.lower()] = n
+        elif a.name in ("MEMORY_LIMIT", "TMPFS_SIZE", "ENDPOINT_CACHE_SIZE"):
             if _MEMORY.fullmatch(value):
                 changes[a.name.lower()] = value.lower()
             else:

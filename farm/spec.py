@@ -74,4 +74,12 @@ class GlobalConfig:
     pids_limit: int = 512
     cpus: float = 2.0  # per server; one compile uses one core (0 = no limit)
     tmpfs_size: str = "1g"
+    # The farm endpoint (farm/endpoint.py): one TLS address for every target.
+    endpoint_port: int = 5100
+    endpoint_metrics_port: int = 9164  # Prometheus metrics (0 = off)
+    endpoint_provision: bool = False  # start a server for a target nobody serves
+    endpoint_offer: tuple[str, ...] = ()  # ARCH[:RELEASE] provisioning may start ( () = any )
+    endpoint_cache_size: str = "4g"
+    endpoint_max_connections: int = 256
+    endpoint_idle_timeout: int = 30  # seconds of silence while a request is read
     sources: tuple[str, ...] = field(default=())  # global files that were read

@@ -1,9 +1,10 @@
-"""The farm's own actions beside the manual's: `images`, `kernels` (and more to come)."""
+"""The farm's own actions beside the manual's: `images`, `kernels`, `trust`, `mdns`, `endpoint`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, TextIO
 from farm import images, kernels, trust
 from farm.arch import ALL, Arch
 from farm.debian import Mirror
-from farm.errors import EXIT_OK, EXIT_USAGE, FarmError, UsageError
+from farm.errors import EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, FarmError, UsageError
 from farm.spec import GlobalConfig, Strategy
 from farm.strategy import resolve
 
@@ -253,7 +254,48 @@ def mdns_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: T
     return _run(run, p, argv, environ, out, err)
 
 
+def endpoint_action(argv: list[str], environ: Mapping[str, str], out: TextIO,
+                    err: TextIO) -> int:
+    """stap-server endpoint {start|stop|status|run} [-c FILE]... [--provision|--no-provision]"""
+    p = _Parser(prog="stap-server endpoint",
+                description="The farm endpoint: one TLS address for every target (ENDPOINT_PORT), "
+                            "routed by the request, validated, answered from a module cache.")
+    p.add_argument("command", choices=["start", "stop", "status", "run"])
+    p.add_argument("-c", dest="config", action="append", help="global configuration file")
+    p.add_argument("--provision", dest="provision", action="store_true", default=None,
+                   help="start a server for a target nobody serves (default: ENDPOINT_PROVISION)")
+    p.add_argument("--no-provision", dest="provision", action="store_false")
+
+    def run(ns: argparse.Namespace, gcfg: GlobalConfig, env: Mapping[str, str], o: TextIO,
+            e: TextIO) -> int:
+        from farm import endpoint_service as svc
+
+        provision = gcfg.endpoint_provision if ns.provision is None else ns.provision
+        if ns.command == "run":
+            logging.basicConfig(stream=e, level=logging.INFO,
+                                format="%(asctime)s %(name)s: %(message)s")
+            svc.run_foreground(gcfg, env, provision=provision)
+            return EXIT_OK
+        client = _client(env)
+        if ns.command == "start":
+            c = svc.ensure_endpoint(client, gcfg, env, provision=provision,
+                                    config_files=list(ns.config or []), say=_say(o))
+            print(f"farm endpoint: running on port {gcfg.endpoint_port} ({c.name}; "
+                  f"provisioning {'on' if provision else 'off'})", file=o)
+            return EXIT_OK
+        if ns.command == "stop":
+            print("farm endpoint: stopped" if svc.stop_endpoint(client, _prefix(env))
+                  else "farm endpoint: not running", file=o)
+            return EXIT_OK
+        line = svc.endpoint_state(client, _prefix(env))
+        print(line or "farm endpoint: not running", file=o)
+        return EXIT_OK if line.startswith("farm endpoint: running") else EXIT_NOT_RUNNING
+
+    return _run(run, p, argv, environ, out, err)
+
+
 ACTIONS: dict[str, Action] = {
+    "endpoint": endpoint_action,
     "images": images_action,
     "kernels": kernels_action,
     "mdns": mdns_action,
