@@ -8,7 +8,7 @@ import socket
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from farm import images, labels, tlsprobe
@@ -36,6 +36,7 @@ class DockerBackend:
     prefix: str = "stapfarm"
     test_label: str = ""
     hostname: str = ""
+    extra_labels: dict[str, str] = field(default_factory=dict)  # e.g. the endpoint's mark
 
     @classmethod
     def from_env(cls, gcfg: GlobalConfig, environ: Mapping[str, str]) -> DockerBackend:
@@ -99,8 +100,12 @@ class DockerBackend:
     def notices(self) -> list[str]:
         """The mDNS advertiser's state and certificates close to expiry (30 days ahead)."""
         from farm.advertiser_image import advertiser_state
+        from farm.endpoint_service import endpoint_state
 
         lines = [advertiser_state(self.client, self.prefix)]
+        endpoint = endpoint_state(self.client, self.prefix)
+        if endpoint:
+            lines.append(endpoint)
         dbs = set()
         for server in self.list_servers():
             cfg = server.config
@@ -136,6 +141,7 @@ class DockerBackend:
                           hostname=self.hostname, prefix=self.prefix,
                           test_label=self.test_label)
         spec = container_spec(config, plan, where, self.gcfg)
+        spec["labels"].update(self.extra_labels)
         container = self._run(spec, port)
         try:
             self._wait_ready(container, port, READY_TIMEOUT[plan.strategy], log_file)
