@@ -267,12 +267,44 @@ class Advertiser:
                 continue
             if server is not None:
                 servers.append(server)
+        endpoint = self._endpoint(client, runs)
+        if endpoint is not None and servers:
+            servers = mdns.endpoint_view(servers, **endpoint)
         for cache in (self._certs, self._first_seen):
             for run in [r for r in cache if r not in runs]:
                 del cache[run]
         self._tree_releases = {k: v for k, v in self._tree_releases.items()
                                if (k[0], k[1]) in runs}
         return servers, pending
+
+    def _endpoint(self, client: Any, runs: set[tuple[str, str]]) -> dict[str, Any] | None:
+        """The running farm endpoint of the prefix, as mdns.endpoint_view's arguments (None
+        when there is none, or it does not answer TLS yet)."""
+        found = client.containers.list(filters={
+            "label": [f"{labels.OWNER}={self.prefix}", f"{labels.KIND}=endpoint"],
+            "status": "running"})
+        if not found:
+            return None
+        c = found[0]
+        port = int(c.labels.get(labels.PORT, "0") or 0)
+        run = (str(c.id), str(c.attrs.get("State", {}).get("StartedAt", "")))
+        runs.add(run)
+        cert = self._certs.get(run)
+        if cert is None:
+            try:
+                x509 = self._probe(self.probe_address, port, timeout=2.0)
+            except ServerError as e:
+                log.debug("the endpoint does not answer yet: %s", e)
+                return None
+            cert = tlsprobe.certinfo(int(x509.get_serial_number()))
+            self._certs[run] = cert
+            self._first_seen.setdefault(run, self._clock())
+        offers = []
+        for word in c.labels.get(labels.OFFERS, "").split():
+            arch, _, rel = word.partition(":")
+            if rel:
+                offers.append((arch, rel))
+        return {"endpoint_id": str(c.name), "port": port, "certinfo": cert, "offers": offers}
 
     def _server(self, c: Any, run: tuple[str, str]) -> ObservedServer | None:
         """What to advertise for container C.

@@ -324,6 +324,25 @@ class Endpoint:
                 candidates = await self._provision(target)
             except FarmError as e:
                 return self._error(str(e).splitlines()[0]), label, "unrouted"
+        for attempt in (1, 2):
+            try:
+                return await self._route(request, target, candidates, data)
+            except _Unreachable as e:
+                # The routing table was stale (a server restarted on another port, or
+                # stopped): look again once.
+                log.info("%s; looking for the servers again", e)
+                if attempt == 2:
+                    return self._error(str(e)), label, "failed"
+                candidates = await self._candidates(target, force=True)
+                if not candidates:
+                    return self._error(f"no server for {target.release} {target.arch} any "
+                                       "more (it stopped)"), label, "unrouted"
+        raise AssertionError("unreachable")
+
+    async def _route(self, request: wire.Request, target: Target, candidates: list[Upstream],
+                     data: bytes) -> tuple[bytes, str, str]:
+        loop = asyncio.get_running_loop()
+        label = str(target)
         missing = [u for u in candidates if not u.tree_ids.get(target.release)]
         usable = [u for u in candidates if u.tree_ids.get(target.release)]
         if not usable:
@@ -342,9 +361,9 @@ class Endpoint:
         self.metrics.cache_misses.inc()
         upstream = min(usable, key=lambda u: self._busy.get(u.name, 0) / max(u.slots, 1))
         response, built = await self._build(upstream, keys[upstream.name], data)
-        outcome = "built" if built and wire.response_rc(response) == 0 else \
-            ("hit" if not built else "failed")
-        return response, label, outcome
+        if not built:
+            return response, label, "hit"
+        return response, label, "built" if wire.response_rc(response) == 0 else "failed"
 
     def _error(self, message: str) -> bytes:
         log.info("answering with an error: %s", message)
@@ -376,6 +395,8 @@ class Endpoint:
             try:
                 response = forward(upstream.host, upstream.port, data, self.pinned,
                                    self.settings.forward_timeout)
+            except _Unreachable:
+                raise
             except FarmError as e:
                 return wire.error_response(
                     f"server {upstream.name} failed: {e}", self.settings.server_version), True
@@ -389,8 +410,8 @@ class Endpoint:
         self.metrics.cache_entries.set(st.entries)
 
     # ------------------------------------------------------------------ routing
-    async def _candidates(self, target: Target) -> list[Upstream]:
-        found = [u for u in await self._current() if u.serves(target)]
+    async def _candidates(self, target: Target, force: bool = False) -> list[Upstream]:
+        found = [u for u in await self._current(force) if u.serves(target)]
         if not found:  # a server may have just started: look again before giving up
             found = [u for u in await self._current(force=True) if u.serves(target)]
         return found
@@ -443,6 +464,10 @@ class _NoServer(FarmError):
     pass
 
 
+class _Unreachable(FarmError):
+    """Nothing listens where the routing table says a server is (nothing was sent)."""
+
+
 def _identity(u: Upstream, target: Target) -> str:
     return json.dumps({"server": u.identity, "tree": u.tree_ids.get(target.release, ""),
                        "target": [target.release, target.arch]}, sort_keys=True)
@@ -477,9 +502,17 @@ def forward(host: str, port: int, data: bytes, pinned: bytes, timeout: float) ->
     ctx.verify_mode = ssl.CERT_NONE  # pinned below: the farm's self-signed certificate
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        with socket.create_connection((host, port), timeout=30) as raw:
+        raw = socket.create_connection((host, port), timeout=30)
+    except OSError as e:
+        raise _Unreachable(f"cannot connect to {host}:{port}: {e.strerror or e}") from e
+    try:
+        with raw:
             raw.settimeout(timeout)
-            with ctx.wrap_socket(raw) as tls:
+            try:
+                tls = ctx.wrap_socket(raw)
+            except (OSError, ssl.SSLError) as e:  # e.g. docker-proxy resets: no server behind
+                raise _Unreachable(f"no TLS handshake with {host}:{port}: {e}") from e
+            with tls:
                 peer = tls.getpeercert(binary_form=True) or b""
                 if pinned and peer != pinned:
                     raise FarmError(f"{host}:{port} presents another certificate than the "

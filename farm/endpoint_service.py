@@ -273,6 +273,13 @@ def container_spec(image: str, image_id: str, gcfg: GlobalConfig, prefix: str, *
     spec["labels"] = {labels.OWNER: prefix, labels.KIND: "endpoint", labels.SPEC_HASH: digest,
                       labels.PORT: str(gcfg.endpoint_port),
                       f"{labels.PREFIX}.metrics-port": str(gcfg.endpoint_metrics_port)}
+    if provision:
+        offers = []
+        for word in gcfg.endpoint_offer:
+            arch, _, release = word.partition(":")
+            if release:
+                offers.append(f"{Arch.parse(arch).stap}:{release}")
+        spec["labels"][labels.OFFERS] = " ".join(offers)
     if test_label:
         spec["labels"][labels.TEST] = test_label
     return spec

@@ -157,6 +157,38 @@ def services(servers: Iterable[ObservedServer]) -> list[Service]:
     return out
 
 
+def endpoint_view(servers: Iterable[ObservedServer], *, endpoint_id: str, port: int,
+                  certinfo: str, offers: Iterable[tuple[str, str]] = ()) -> list[ObservedServer]:
+    """What to publish while the farm endpoint runs: the endpoint once per architecture, for
+    every release a server of that architecture handles plus the OFFERS (arch, release) it
+    would provision, instead of the servers themselves (so clients use the one address, and
+    its cache). Host, optinfo and the highest version come from the servers; an offered
+    architecture no server handles yet borrows them from any server (none: not published).
+    """
+    servers = sorted(servers, key=_order)
+    if not servers:
+        return []
+    by_arch: dict[str, list[ObservedServer]] = {}
+    for s in servers:
+        by_arch.setdefault(s.arch, []).append(s)
+    offered: dict[str, list[str]] = {}
+    for arch, rel in offers:
+        offered.setdefault(arch, []).append(rel)
+    out = []
+    for arch in sorted(set(by_arch) | set(offered)):
+        group = by_arch.get(arch) or servers
+        releases = [r for s in by_arch.get(arch, []) for r in s.releases] + offered.get(arch, [])
+        version = max((s.version for s in group), key=_version_key)
+        out.append(ObservedServer(server_id=f"{endpoint_id}/{arch}", host=group[0].host,
+                                  port=port, arch=arch, releases=tuple(dict.fromkeys(releases)),
+                                  optinfo="", version=version, certinfo=certinfo))
+    return out
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
 def _truncate(text: str, limit: int) -> str:
     data = text.encode("utf-8")[:limit]
     return data.decode("utf-8", "ignore")

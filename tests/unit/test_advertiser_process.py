@@ -22,13 +22,15 @@ class FakeContainer:
     started: str = "t0"
     id: str = ""
     execs: list[list[str]] = field(default_factory=list)
+    kind: str = "server"
+    extra_labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.id = self.id or f"id-{self.name}"
 
     @property
     def labels(self) -> dict[str, str]:
-        return {labels.PORT: str(self.port)}
+        return {labels.PORT: str(self.port), labels.KIND: self.kind, **self.extra_labels}
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -56,7 +58,9 @@ class FakeEngine:
         if not self.up:
             raise ConnectionError("engine down")
         self.filters.append(filters)
-        return list(self.running)
+        kinds = [f.split("=", 1)[1] for f in filters.get("label", [])
+                 if f.startswith(f"{labels.KIND}=")]
+        return [c for c in self.running if not kinds or c.kind in kinds]
 
 
 class FakePublisher:
@@ -271,3 +275,39 @@ def test_advertiser_container_spec() -> None:
     same = container_spec("stapfarm/advertiser:latest", "sha256:1", "farm",
                           ["br0", "10.0.0.5"], "127.0.0.1", test_label="t2")
     assert same["labels"][labels.SPEC_HASH] == digest  # labels are not the spec
+
+
+def test_a_running_endpoint_is_advertised_per_arch_instead_of_its_servers() -> None:
+    w = World()
+    native = FakeContainer(name="farm-x86", port=40002, cmd=[
+        "-a", "x86_64", "-r", "6.12.9+deb13-amd64", "--port", "40002"])
+    w.engine.running += [cross(), native]
+    w.answering.update({40001: 0xCC23FD50, 40002: 0xCC23FD50})
+    w.adv.resync()
+    assert {s.port for s in w.pub.live.values()} == {40001, 40002}  # type: ignore[union-attr]
+    endpoint = FakeContainer(name="farm-endpoint", port=5100, cmd=[], kind="endpoint",
+                             extra_labels={labels.OFFERS: "arm64:6.12.1+deb13-arm64"})
+    w.engine.running.append(endpoint)
+    w.answering[5100] = 0xCC23FD50
+    for _ in range(2):  # names just withdrawn are reused one pass later (as avahi)
+        w.now += 100
+        w.adv.resync()
+    assert w.pub is not None
+    live = list(w.pub.live.values())
+    assert {s.port for s in live} == {5100}
+    sysinfos = sorted(_sysinfo(s.txt) for s in live)
+    assert sysinfos == sorted([f"sysinfo={REL} arm64", "sysinfo=6.12.1+deb13-arm64 arm64",
+                               "sysinfo=6.12.9+deb13-amd64 x86_64"])
+    assert all("certinfo=00:cc:23:fd:50" in s.txt.decode() for s in live)
+    # The endpoint gone: the servers themselves again.
+    w.engine.running.remove(endpoint)
+    w.now += 100
+    w.adv.resync()
+    w.now += 100
+    w.adv.resync()
+    assert {s.port for s in w.pub.live.values()} == {40001, 40002}
+
+
+def _sysinfo(txt: bytes) -> str:
+    """The first TXT string (length-prefixed)."""
+    return txt[1:1 + txt[0]].decode()
