@@ -172,6 +172,7 @@ class Endpoint:
         self._busy: dict[str, int] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._open = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._provisioning: dict[Target, asyncio.Lock] = {}
         self._upstreams: list[Upstream] = []
         self._refreshed = 0.0
@@ -194,6 +195,12 @@ class Endpoint:
                 await self.server.serve_forever()
         finally:
             refresher.cancel()
+            # Stopping: hang up on the clients still connected (they retry elsewhere).
+            tasks = [t for t in self._tasks if not t.done()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(refresher, *tasks, return_exceptions=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _refresh_loop(self) -> None:
         """Keep the routing table fresh off the request path (servers, tree digests)."""
@@ -207,6 +214,10 @@ class Endpoint:
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         if self._open >= self.settings.max_connections:
             self.metrics.refused.inc()
             log.warning("refusing %s: %d connections open (ENDPOINT_MAX_CONNECTIONS)", peer,
