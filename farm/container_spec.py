@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -29,8 +31,8 @@ class Placement:
     kernels_volume: str
     uid: int
     gid: int
-    home_dir: str  # host directory mounted as the daemon's HOME (cert DB, stap cache, rc)
-    log_file: str  # host file mounted at LOG
+    home_dir: str  # host directory (or volume name) mounted as HOME (cert DB, cache, rc)
+    log_file: str  # host file mounted at LOG (or a volume name mounted at LOG's directory)
     port: int  # published host port (the daemon listens on the same port)
     hostname: str
     prefix: str
@@ -84,8 +86,10 @@ def container_spec(cfg: ServerConfig, plan: BuildPlan, where: Placement,
     """Keyword arguments for `client.containers.run(detach=True, **spec)`."""
     mounts = [
         Mount(KERNELS_MOUNT, where.kernels_volume, type="volume", read_only=True),
-        Mount(HOME, where.home_dir, type="bind"),
-        Mount(LOG, where.log_file, type="bind"),
+        # Host paths are bound; names are volumes (a compose farm's home and log volumes).
+        Mount(HOME, where.home_dir, type="bind" if where.home_dir.startswith("/") else "volume"),
+        Mount(LOG, where.log_file, type="bind") if where.log_file.startswith("/")
+        else Mount(os.path.dirname(LOG), where.log_file, type="volume"),
     ]
     if cfg.ssl:
         mounts.append(Mount(SSL, cfg.ssl, type="bind"))

@@ -37,6 +37,12 @@ class DockerBackend:
     test_label: str = ""
     hostname: str = ""
     extra_labels: dict[str, str] = field(default_factory=dict)  # e.g. the endpoint's mark
+    # A compose farm's named volumes for HOME and the log (its init service made the
+    # certificate database there): servers started for it (the endpoint's provisioning) use
+    # them instead of STATE_DIR paths, as user STAPFARM_SERVER_UID:GID.
+    home_volume: str = ""
+    log_volume: str = ""
+    server_ids: tuple[int, int] = (155, 155)
 
     @classmethod
     def from_env(cls, gcfg: GlobalConfig, environ: Mapping[str, str]) -> DockerBackend:
@@ -45,7 +51,11 @@ class DockerBackend:
         return cls(client=connect(environ), gcfg=gcfg,
                    prefix=environ.get("STAPFARM_PREFIX", "stapfarm"),
                    test_label=environ.get("STAPFARM_TEST_LABEL", ""),
-                   hostname=environ.get("STAPFARM_HOSTNAME", "") or socket.gethostname())
+                   hostname=environ.get("STAPFARM_HOSTNAME", "") or socket.gethostname(),
+                   home_volume=environ.get("STAPFARM_HOME_VOLUME", ""),
+                   log_volume=environ.get("STAPFARM_LOG_VOLUME", ""),
+                   server_ids=(int(environ.get("STAPFARM_SERVER_UID", "155")),
+                               int(environ.get("STAPFARM_SERVER_GID", "155"))))
 
     # ------------------------------------------------------------------ observe
     def _containers(self) -> list[Any]:
@@ -131,10 +141,14 @@ class DockerBackend:
         plan = self.plan_for(config)
         image = images.require(self.client, self.gcfg, plan.image_arch)
         self._check_trees(config, plan, image)
-        uid, gid = self._server_user(config.user)
-        home = self._prepare_home(config.user, uid, gid)
-        log_file = self._prepare_log(config.log, uid, gid)
-        self._ensure_cert(config.ssl or os.path.join(home, CERT_DIR), uid, gid)
+        if self.home_volume:  # a compose farm: its volumes, its init service's certificate
+            uid, gid = self.server_ids
+            home, log_file = self.home_volume, self.log_volume or self.home_volume
+        else:
+            uid, gid = self._server_user(config.user)
+            home = self._prepare_home(config.user, uid, gid)
+            log_file = self._prepare_log(config.log, uid, gid)
+            self._ensure_cert(config.ssl or os.path.join(home, CERT_DIR), uid, gid)
         port = config.port or _free_port(self.gcfg.listen_address)
         where = Placement(image=image, kernels_volume=volume_name(self.prefix, plan.image_arch),
                           uid=uid, gid=gid, home_dir=home, log_file=log_file, port=port,

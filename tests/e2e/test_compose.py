@@ -93,13 +93,15 @@ def served_cert(port: int) -> bytes:
 def farm_env(kernel_trees: KernelTrees, prefix: str, test_label: str, name: str,
              gateway: str) -> dict[str, str]:
     """compose.yaml's variables for a test farm named NAME under PREFIX."""
-    x86_port, arm_port = free_ports(2)
+    x86_port, arm_port, ep_port, metrics_port = free_ports(4)
     env = dict(os.environ)
     env.update({
         "STAPFARM_PREFIX": prefix, "STAPFARM_TEST_LABEL": test_label,
         "STAPFARM_RELEASE_X86_64": kernel_trees.release(X86_64),
         "STAPFARM_RELEASE_ARM64": kernel_trees.release(ARM64),
         "STAPFARM_X86_64_PORT": str(x86_port), "STAPFARM_AARCH64_PORT": str(arm_port),
+        "STAPFARM_ENDPOINT_PORT": str(ep_port), "STAPFARM_ENDPOINT_METRICS_PORT":
+            str(metrics_port),
         "STAPFARM_KERNELS_VOLUME": kernel_trees.volume(X86_64),
         "STAPFARM_KERNELS_VOLUME_ARM64": kernel_trees.volume(ARM64),
         "STAPFARM_HOME_VOLUME": f"{prefix}-{name}-home",
@@ -208,7 +210,7 @@ def compose_farm(docker_client: Any, trees: KernelTrees, test_prefix: str, test_
     try:
         t0 = time.monotonic()
         run(up + ["up", "-d"], env)
-        for var in ("STAPFARM_X86_64_PORT", "STAPFARM_AARCH64_PORT"):
+        for var in ("STAPFARM_X86_64_PORT", "STAPFARM_AARCH64_PORT", "STAPFARM_ENDPOINT_PORT"):
             wait_for(f"TLS on {env[var]}", functools.partial(answers_tls, int(env[var])), READY)
         yield {"env": env, "project": project, "prefix": prefix, "up": up,
                "started_in": time.monotonic() - t0}
@@ -272,13 +274,15 @@ def test_compose_servers_appear_in_stap_server_status(compose_farm: dict[str, An
     assert '-n "aarch64"' in out and f'--port "{env["STAPFARM_AARCH64_PORT"]}"' in out
 
 
-def test_compose_servers_are_advertised(compose_farm: dict[str, Any], gateway: str) -> None:
+def test_compose_farm_is_advertised_through_its_endpoint(compose_farm: dict[str, Any],
+                                                        gateway: str) -> None:
+    """With the endpoint up, the advertiser publishes it (once per target), not the servers."""
     env = compose_farm["env"]
-    want = {int(env["STAPFARM_X86_64_PORT"]), int(env["STAPFARM_AARCH64_PORT"])}
+    endpoint = int(env["STAPFARM_ENDPOINT_PORT"])
     browser = Browser(gateway)
     try:
-        wait_for(f"mDNS services on ports {sorted(want)}",
-                 lambda: want <= set(browser.ports().values()), 60)
+        wait_for(f"mDNS services of the endpoint (port {endpoint}) only",
+                 lambda: sorted(browser.ports().values()) == [endpoint, endpoint], 60)
     finally:
         browser.close()
 
@@ -304,6 +308,10 @@ def test_real_client_compiles_through_compose_farm(compose_farm: dict[str, Any],
                   trees.release(X86_64))
     compile_hello(client, host, int(env["STAPFARM_AARCH64_PORT"]), ARM64,
                   trees.release(ARM64))
+    # One address for both: the compose farm's endpoint.
+    for target in (X86_64, ARM64):
+        compile_hello(client, host, int(env["STAPFARM_ENDPOINT_PORT"]), target,
+                      trees.release(target))
 
 
 def test_compose_down_leaves_no_farm_containers_and_keeps_volumes(
@@ -368,7 +376,7 @@ def stack(swarm: None, docker_client: Any, trees: KernelTrees, test_prefix: str,
     name = f"{prefix}-stack"
     try:
         deploy = run(["docker", "stack", "deploy", "-c", "compose.yaml", name], env)
-        for var in ("STAPFARM_X86_64_PORT", "STAPFARM_AARCH64_PORT"):
+        for var in ("STAPFARM_X86_64_PORT", "STAPFARM_AARCH64_PORT", "STAPFARM_ENDPOINT_PORT"):
             wait_for(f"TLS on {env[var]} (stack)", functools.partial(answers_tls, int(env[var])),
                      READY)
         yield {"env": env, "name": name, "prefix": prefix, "deploy_output": deploy.stderr}
