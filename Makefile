@@ -45,8 +45,8 @@ up: setup
 	export STAPFARM_HOME_VOLUME=$${STAPFARM_HOME_VOLUME:-$$prefix-home}; \
 	export STAPFARM_LOG_VOLUME=$${STAPFARM_LOG_VOLUME:-$$prefix-log}; \
 	docker compose -p $(COMPOSE_PROJECT) up -d; \
-	xp=$${STAPFARM_X86_64_PORT:-5101}; ap=$${STAPFARM_AARCH64_PORT:-5102}; \
-	for p in $$xp $$ap; do end=$$(( $$(date +%s) + 120 )); \
+	xp=$${STAPFARM_X86_64_PORT:-5101}; ap=$${STAPFARM_AARCH64_PORT:-5102}; ep=$${STAPFARM_ENDPOINT_PORT:-5100}; \
+	for p in $$xp $$ap $$ep; do end=$$(( $$(date +%s) + 120 )); \
 	  until $(PY) -c 'import sys; from farm import tlsprobe; tlsprobe.probe("127.0.0.1", int(sys.argv[1]), timeout=3.0)' $$p 2>/dev/null; do \
 	    [ $$(date +%s) -lt $$end ] || { echo "stapfarm: port $$p does not answer TLS; see: docker compose -p $(COMPOSE_PROJECT) logs" >&2; exit 1; }; \
 	    sleep 1; done; done; \
@@ -57,8 +57,10 @@ up: setup
 	echo "stapfarm: on a client (Debian: apt-get install systemtap systemtap-client libnss3-tools), as the user who runs stap:"; \
 	echo; \
 	echo "  scp -r root@$$h:$(TRUST_DIR) /tmp/stapfarm-trust && sh /tmp/stapfarm-trust/trust-farm.sh   # once"; \
-	echo "  stap --use-server=$$h:$$ap -a arm64 -r $$arm -p4 -m hello -e 'probe begin { println(\"hello\"); exit() }'"; \
-	echo "  stap --use-server=$$h:$$xp -a x86_64 -r $$x86 -p4 -m hello -e 'probe begin { println(\"hello\"); exit() }'"; \
+	echo "  stap --use-server=$$h:$$ep -a arm64 -r $$arm -p4 -m hello -e 'probe begin { println(\"hello\"); exit() }'"; \
+	echo "  stap --use-server=$$h:$$ep -a x86_64 -r $$x86 -p4 -m hello -e 'probe begin { println(\"hello\"); exit() }'"; \
+	echo; \
+	echo "stapfarm: port $$ep is the farm endpoint (every target, module cache, provisioning); the servers themselves: $$xp (x86_64), $$ap (aarch64)."; \
 	echo; \
 	echo "stapfarm: for docker compose commands in this shell: export STAPFARM_RELEASE_X86_64=$$x86 STAPFARM_RELEASE_ARM64=$$arm STAPFARM_HOSTNAME=$$h"
 
