@@ -421,6 +421,12 @@ def parse_global_text(text: str, path: str, base: GlobalConfig, environ: Mapping
         if a.name in _GLOBAL_WORDS:
             attr = _GLOBAL_WORDS[a.name]
             words = tuple(a.value.split())
+            if a.name == "ENDPOINT_OFFER":
+                bad = [w for w in words if not _offer_ok(w)]
+                if bad:
+                    problems.append(f"{a.where}: ENDPOINT_OFFER: '{bad[0]}' is not ARCH or "
+                                    "ARCH:RELEASE (x86_64, aarch64, ...)")
+                    continue
             if a.append:
                 current = changes.get(attr, getattr(base, attr))
                 assert isinstance(current, tuple)
@@ -493,6 +499,18 @@ def parse_global_text(text: str, path: str, base: GlobalConfig, environ: Mapping
     if problems:
         raise ConfigError(problems)
     return replace(base, sources=base.sources + (path,), **changes)  # type: ignore[arg-type]
+
+
+def _offer_ok(word: str) -> bool:
+    from farm.arch import Arch
+    from farm.errors import FarmError
+
+    arch, sep, release = word.partition(":")
+    try:
+        Arch.parse(arch)
+    except FarmError:
+        return False
+    return not sep or re.fullmatch(r"[a-zA-Z0-9_.+-]+", release) is not None
 
 
 def global_file(environ: Mapping[str, str]) -> str:

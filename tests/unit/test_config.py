@@ -357,3 +357,25 @@ def test_structured_lines_raise_only_config_errors(lines: list[str]) -> None:
             parse(text)
         except ConfigError:
             pass
+
+
+def test_global_endpoint_settings() -> None:
+    g = parse_global_text("ENDPOINT_PORT=5200\nENDPOINT_METRICS_PORT=0\nENDPOINT_PROVISION=yes\n"
+                          "ENDPOINT_OFFER=aarch64:6.12.1+deb13-arm64\nENDPOINT_OFFER+=x86_64\n"
+                          "ENDPOINT_CACHE_SIZE=512m\nENDPOINT_MAX_CONNECTIONS=10\n"
+                          "ENDPOINT_IDLE_TIMEOUT=5\n", "g", G, {}, 1000)
+    assert (g.endpoint_port, g.endpoint_metrics_port, g.endpoint_provision) == (5200, 0, True)
+    assert g.endpoint_offer == ("aarch64:6.12.1+deb13-arm64", "x86_64")
+    assert (g.endpoint_cache_size, g.endpoint_max_connections, g.endpoint_idle_timeout) == (
+        "512m", 10, 5)
+
+
+def test_global_endpoint_errors() -> None:
+    text = ("ENDPOINT_PORT=0\nENDPOINT_PROVISION=perhaps\nENDPOINT_OFFER=sparc:1\n"
+            "ENDPOINT_CACHE_SIZE=big\nENDPOINT_IDLE_TIMEOUT=-1\n")
+    with pytest.raises(ConfigError) as e:
+        parse_global_text(text, "/etc/g", G, {}, 1000)
+    p = e.value.problems
+    assert [x.split(":")[1] for x in p] == ["1", "2", "3", "4", "5"]
+    assert "ENDPOINT_OFFER: 'sparc:1' is not ARCH or ARCH:RELEASE" in p[2]
+    assert "ENDPOINT_PROVISION: 'perhaps' is not yes or no" in p[1]
