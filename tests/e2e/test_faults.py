@@ -34,6 +34,7 @@ from tests.support.client import (
 )
 from tests.support.farm import Farm, make_farm
 from tests.support.mdns_browser import Browser
+from tests.support.poll import poll as _poll
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -43,18 +44,6 @@ NICK = "faulty"
 def say(text: str) -> None:
     """A measurement for docs/reliability.md (visible with pytest -s)."""
     print(f"[faults] {text}", flush=True)
-
-
-def _poll(what: str, check: Callable[[], Any], timeout: float, step: float = 0.2) -> Any:
-    """CHECK's first truthy result, or fail after TIMEOUT seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {timeout:.0f} s")
-        time.sleep(step)
 
 
 def _script(tag: str) -> str:

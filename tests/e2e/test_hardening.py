@@ -38,6 +38,7 @@ from farm.arch import ARM64, X86_64
 from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import authorize_cert, default_host_names, start_client
 from tests.support.farm import Farm, make_farm
+from tests.support.poll import poll as _poll
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -108,18 +109,6 @@ def _log_since(farm: Farm, offset: int) -> str:
     with open(farm.root / "log" / "stap-server.log", "rb") as f:
         f.seek(offset)
         return f.read().decode("utf-8", "replace")
-
-
-def _poll(what: str, check: Callable[[], Any], timeout: float, step: float = 0.2) -> Any:
-    """CHECK's first truthy result, or fail after TIMEOUT seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {timeout:.0f} s")
-        time.sleep(step)
 
 
 def _hello(farm: Farm) -> float:

@@ -27,7 +27,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from tests.support.client import (
 )
 from tests.support.farm import Farm, make_farm
 from tests.support.mdns_browser import Browser
+from tests.support.poll import poll as _poll
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -59,17 +60,6 @@ ENGINE_TIMEOUT = 180.0  # dockerd stopping, then `docker info` answering again
 
 def say(text: str) -> None:
     print(f"[engine-restart] {text}", flush=True)
-
-
-def _poll(what: str, check: Callable[[], Any], timeout: float, step: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {timeout:.0f} s")
-        time.sleep(step)
 
 
 # --------------------------------------------------------------------------- the engine
