@@ -321,6 +321,7 @@ def ensure_endpoint(client: Any, gcfg: GlobalConfig, environ: Mapping[str, str],
                 and current.status == "running":
             return current
         current.remove(force=True)
+    _ensure_cache_volume(client, prefix, environ.get("STAPFARM_TEST_LABEL", ""))
     try:
         container = client.containers.run(detach=True, **spec)
     except docker.errors.APIError as e:
@@ -341,6 +342,19 @@ def ensure_endpoint(client: Any, gcfg: GlobalConfig, environ: Mapping[str, str],
     container.remove(force=True)
     raise ServerError(f"the endpoint did not answer TLS on port {gcfg.endpoint_port} ({last})"
                       + (f"\n--- its output:\n{logs}" if logs else ""))
+
+
+def _ensure_cache_volume(client: Any, prefix: str, test_label: str) -> None:
+    """The module cache volume, labelled like every farm resource (kept across restarts)."""
+    import docker.errors
+
+    try:
+        client.volumes.get(cache_volume(prefix))
+    except docker.errors.NotFound:
+        lab = {labels.OWNER: prefix, labels.KIND: "modcache"}
+        if test_label:
+            lab[labels.TEST] = test_label
+        client.volumes.create(cache_volume(prefix), labels=lab)
 
 
 def stop_endpoint(client: Any, prefix: str) -> bool:
