@@ -180,7 +180,7 @@ def test_a_changed_image_misses_the_cache(ep: Endpoint, docker_client: Any) -> N
     # A different image under the server's tag (one more layer of metadata), the server
     # restarted on it: the same request must be built again, not served from the cache.
     base = docker_client.images.get(f"{IMAGE_PREFIX}:x86_64")
-    container = docker_client.containers.create(base.id, entrypoint=["true"])
+    container = docker_client.containers.create(base.id)  # never started: only committed
     try:
         changed = container.commit(repository=IMAGE_PREFIX, tag="x86_64",
                                    changes=["LABEL org.stapfarm.test-variant=1"])
