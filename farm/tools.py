@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from farm import images, kernels, trust
+from farm import images, kernels, labels, trust
 from farm.arch import ALL, Arch
 from farm.debian import Mirror
 from farm.errors import EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, FarmError, UsageError
@@ -158,6 +158,17 @@ def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err
                     print(f"no kernel tree {rel} for the {store.image_arch} image", file=o)
                 else:
                     print(f"removed kernel tree {rel} ({store.image_arch} image)", file=o)
+                    users = [c.labels.get(labels.NICKNAME) or c.name
+                             for c in client.containers.list(filters={"label": [
+                                 f"{labels.OWNER}={_prefix(env)}", f"{labels.KIND}=server"]})
+                             if rel in c.labels.get(labels.RELEASES, "").split()
+                             and c.labels.get(labels.IMAGE_ARCH, "") in (
+                                 store.image_arch.debian, store.image_arch.stap)]
+                    if users:
+                        print(f"stap-server: warning: running servers still use it "
+                              f"({', '.join(sorted(users))}): their requests for {rel} fail "
+                              f"until `stap-server kernels add -a {target.machine} -r {rel}`",
+                              file=e)
         return EXIT_OK
 
     return _run(run, p, argv, environ, out, err)

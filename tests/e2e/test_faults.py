@@ -190,6 +190,7 @@ def test_kernel_tree_removed_under_a_running_server(farm: Farm) -> None:
     rc, out, err = farm.run("kernels", "remove", "-a", "x86_64", "-r", rel)
     assert rc == 0, out + err
     assert f"removed kernel tree {rel}" in out
+    assert f"warning: running servers still use it ({NICK})" in err, err
     say(f"kernels remove while {NICK} runs: rc {rc}: {out.strip()} {err.strip()}")
 
     problem = f"kernel tree {rel} (x86_64) missing: stap-server kernels add -a x86_64 -r {rel}"
