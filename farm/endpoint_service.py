@@ -255,13 +255,15 @@ def container_spec(image: str, image_id: str, gcfg: GlobalConfig, prefix: str, *
         "mounts": mounts,
         "restart_policy": {"Name": "unless-stopped"},
         "read_only": True,
-        "tmpfs": {"/run/stapfarm": "rw,noexec,nosuid,size=16m,mode=0700", "/tmp": "rw,size=64m"},
+        # /var/tmp: provisioning spools a kernel tree's packages there (farm/kernels.py).
+        "tmpfs": {"/run/stapfarm": "rw,noexec,nosuid,size=16m,mode=0700", "/tmp": "rw,size=64m",
+                  "/var/tmp": "rw,noexec,nosuid,size=768m"},
         # root without most capabilities: it reads the certificate database (DAC_OVERRIDE),
         # and with provisioning prepares server homes as `stap-server start` does.
         "cap_drop": ["ALL"],
         "cap_add": ["DAC_OVERRIDE", "CHOWN", "FOWNER"],
         "security_opt": ["no-new-privileges"],
-        "mem_limit": "1g",
+        "mem_limit": "2g",  # tmpfs pages count: /var/tmp holds a tree being provisioned
         "pids_limit": 256,
         "stop_signal": "SIGTERM",
     }
