@@ -271,7 +271,12 @@ class Endpoint:
             log.info("closing %s: request not received in time", peer)
             return
         started = time.monotonic()
-        response, target, outcome = await self._answer(data, peer)
+        try:
+            response, target, outcome = await self._answer(data, peer)
+        except Exception as e:  # noqa: BLE001 - a bug or an odd failure: answer, never drop
+            log.exception("request from %s failed", peer)
+            response, target, outcome = self._error(f"the farm endpoint failed: {e}"), "-", \
+                "failed"
         await self._reply(writer, response)
         self.metrics.requests.labels(target, outcome).inc()
         self.metrics.latency.labels(target).observe(time.monotonic() - started)
@@ -457,7 +462,7 @@ class Endpoint:
                 await loop.run_in_executor(self._pool, self.provisioner.provision, target,
                                            lambda line: log.info("provisioning %s: %s",
                                                                  label, line))
-            except FarmError as e:
+            except Exception as e:  # noqa: BLE001 - FarmError, or Docker/OS errors: answered
                 self.metrics.provisioning.labels(label, "failed").inc()
                 log.warning("provisioning %s failed: %s", label, e)
                 raise _NoServer(f"no server for {target.release} {target.arch} and "
