@@ -158,6 +158,7 @@ class FakeProvisioner:
     make: Callable[[Target], Upstream]
     calls: list[Target] = field(default_factory=list)
     fail: str = ""
+    crash: Exception | None = None
 
     def offers(self) -> list[Target]:
         return []
@@ -166,6 +167,8 @@ class FakeProvisioner:
         self.calls.append(target)
         if self.fail:
             raise FarmError(self.fail)
+        if self.crash is not None:
+            raise self.crash
         time.sleep(0.3)  # a slow start: concurrent requests must wait for this one
         self.directory.servers.append(self.make(target))
 
@@ -448,3 +451,13 @@ def test_connections_over_the_cap_are_refused(make: Callable[..., Running]) -> N
     assert r.endpoint.metrics.refused._value.get() == 1
     for h in held:
         h.close()
+
+
+def test_a_crash_while_provisioning_is_answered_too(make: Callable[..., Running]) -> None:
+    d = FakeDirectory([])
+    p = FakeProvisioner(d, lambda t: upstream("x", 1),
+                        crash=OSError(30, "Read-only file system"))
+    r = make(d, p)
+    rc, resp = compile_(r.port, request_zip())
+    assert rc == 1
+    assert "provisioning failed: [Errno 30] Read-only file system" in stderr(resp)
