@@ -40,9 +40,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "clients, one repetition of the overhead comparison")
     p.add_argument("--out", default=str(REPO / "bench" / "results"),
                    help="directory for <date>.json, .md and .png (default bench/results)")
-    p.add_argument("--max-wait", type=float, default=1800,
+    p.add_argument("--max-wait", type=float, default=None,
                    help="seconds to wait for the 1-minute load average to drop below 1.0 "
-                        "before measuring (default 1800)")
+                        "before measuring (default 1800; 30 with --quick)")
     p.add_argument("--drop-trees", action="store_true",
                    help="remove the cached stapfarmbench-kernels-* volumes and exit")
     return p.parse_args(argv)
@@ -58,12 +58,20 @@ def run(args: argparse.Namespace, docker_client: Any, res: dict[str, Any]) -> No
     quick = args.quick
     strategies = ["native", "cross"] + ([] if quick else ["emulated"])
     scripts = ["begin", "tapset"] if quick else ["begin", "tracepoint", "tapset"]
-    levels = [1, 2, 4] if quick else [1, 2, 4, 8]
+    # --quick: 1 client is the overhead's first farm run (one cold compile of a distinct
+    # script, as a 1-client run is), 2 clients are skipped; only 4 clients are run
+    levels = [4] if quick else [1, 2, 4, 8]
     reps = 1 if quick else 3
+    hits = 5 if quick else 10
+    max_wait = args.max_wait if args.max_wait is not None else (30 if quick else 1800)
     if quick:
         res["skipped"] = ["--quick: the emulated strategy (~4-5 min per cold compile)",
-                          "--quick: the tracepoint script", "--quick: 8 concurrent clients",
-                          "--quick: overhead measured once, not 3 times (no median)"]
+                          "--quick: the tracepoint script", "--quick: 2 and 8 concurrent clients",
+                          "--quick: 1 client = the overhead's farm run (n=1)",
+                          ("--quick: overhead and endpoint miss measured once, not 3 times "
+                          "(n=1, no median)"), "--quick: 5 endpoint hits, not 10",
+                          "--quick: the cross tapset script",
+                          "--quick: waits at most 30 s for a quiet machine"]
     env = benv.create(docker_client)
     res["run_id"] = env.run_id
     try:
@@ -73,9 +81,11 @@ def run(args: argparse.Namespace, docker_client: Any, res: dict[str, Any]) -> No
         say("kernel trees (the newest release per target the mirror offers)")
         res["trees"] = benv.ensure_trees(env, emulated=not quick)
         res["releases"] = dict(env.releases)
+        res["tree_copy_seconds"] = round(benv.copy_trees(env, emulated=not quick), 1)
+        res["farm_prefix"] = env.farm_prefix
         say("client image and container (Debian 13, stap 5.1)")
         benv.start_client(env)
-        res["load"] = measure.wait_for_quiet(args.max_wait)
+        res["load"] = measure.wait_for_quiet(max_wait)
         t_start = time.monotonic()
         say(f"measuring (load {os.getloadavg()[0]:.2f})")
 
@@ -90,16 +100,35 @@ def run(args: argparse.Namespace, docker_client: Any, res: dict[str, Any]) -> No
             if i == 0:
                 assert env.farm is not None
                 authorize_cert(env.client, env.farm.cert())
-        time.sleep(5)
+        res["endpoint"] = {"start_seconds": round(measure.start_endpoint(env), 3),
+                           "port": env.endpoint_port}
+        time.sleep(3 if quick else 5)
         res["memory"] = {"idle": measure.memory(env)}
         say(f"idle memory: {res['memory']['idle']}")
         res["lifecycle"] = measure.lifecycle(env, 3)
         say(f"lifecycle: {res['lifecycle']}")
-        res["latency"] = measure.latency(env, servers, strategies, scripts)
-        res["overhead"] = measure.overhead(env, servers["native"], reps)
+        res["endpoint"]["client_floor"] = measure.client_floor(env, 3 if quick else 5)
+        res["endpoint"]["request_floor"] = measure.request_floor(env, servers["native"],
+                                                                 3 if quick else 5)
+        say(f"client floor (stap -V): {res['endpoint']['client_floor']} s; a request the "
+            "endpoint answers at once (unserved release): "
+            f"{[r['seconds'] for r in res['endpoint']['request_floor']]} s")
+        res["overhead"] = measure.overhead(env, servers["native"], reps, hits)
+        first = res["overhead"]["runs"]["farm"][0]
+        res["latency"] = measure.latency(env, servers, strategies, scripts, given={
+            ("native", "begin"): {"cold": first, "warm": res["overhead"]["first_warm"],
+                                  "note": "the overhead's first farm run"}},
+            skip={("cross", "tapset"): "quick"} if quick else None)
         res["server_threads"] = measure.server_threads(env, servers["native"])
-        res["throughput"] = measure.throughput(env, servers["native"], levels)
-        time.sleep(5)
+        given: dict[str, Any] = {}
+        if quick:
+            ok = first["rc"] == 0
+            given = {"1": {"clients": 1, "succeeded": int(ok), "span_seconds": first["seconds"],
+                           "compiles_per_minute": round(60 / first["seconds"], 3) if ok else 0,
+                           "runs": [first], "note": "quick: the overhead's farm run, n=1"},
+                     "2": {"clients": 2, "skipped": "quick"}}
+        res["throughput"] = measure.throughput(env, servers["native"], levels, given)
+        time.sleep(3 if quick else 5)
         res["memory"]["idle after compiles"] = measure.memory(env)
         res["elapsed_seconds"] = round(time.monotonic() - t_start, 1)
         res["load"]["at_end"] = os.getloadavg()

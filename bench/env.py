@@ -4,6 +4,13 @@ Everything the bench creates carries its run's label and is removed at the end, 
 happened — except the kernel-tree volumes `stapfarmbench-kernels-<debarch>`, which carry the
 label org.stapfarm.test=bench-cache and are kept between bench runs so that `--quick` does not
 download trees again (`python -m bench --drop-trees` removes them).
+
+The farm itself runs under a prefix of its own per run, `stapfarmbench<id>` (its servers, its
+endpoint `stapfarmbench<id>-endpoint`, the endpoint's module cache volume
+`stapfarmbench<id>-modcache`), with a per-run copy of the cached trees in
+`stapfarmbench<id>-kernels-<debarch>`: an endpoint lists every server of its prefix and its
+container name is fixed per prefix, so a shared prefix would route to (or replace) another
+farm's servers or endpoint on the same engine.
 """
 
 from __future__ import annotations
@@ -49,6 +56,13 @@ class BenchEnv:
     farm: Farm | None = None
     host: str = ""
     farm_env: dict[str, str] = field(default_factory=dict)
+    endpoint_port: int = 0
+    endpoint_metrics_port: int = 0
+
+    @property
+    def farm_prefix(self) -> str:
+        """The prefix of this run's farm (servers, endpoint, its cache volume)."""
+        return f"{PREFIX}{self.run_id}"
 
     @property
     def label(self) -> str:
@@ -71,21 +85,31 @@ def create(docker_client: Any) -> BenchEnv:
     state = root / "state"
     state.mkdir()
     gfile = root / "bench.global"
+    ep_port, ep_metrics = _free_port(), _free_port()
     gfile.write_text(base + f"\n# bench: private state, no mDNS\nSTATE_DIR={state}\n"
-                     "MDNS_INTERFACES=none\n")
+                     "MDNS_INTERFACES=none\n"
+                     f"ENDPOINT_PORT={ep_port}\nENDPOINT_METRICS_PORT={ep_metrics}\n"
+                     "ENDPOINT_PROVISION=no\n")
     gcfg = config.load_global([], {config.CONFIG_FILE_ENV: str(gfile)})
     MIRROR_CACHE.mkdir(parents=True, exist_ok=True)
     env = BenchEnv(docker=docker_client, run_id=run_id, root=root, gcfg=gcfg,
-                   mirror=Mirror(gcfg.debian_mirror, MIRROR_CACHE))
+                   mirror=Mirror(gcfg.debian_mirror, MIRROR_CACHE),
+                   endpoint_port=ep_port, endpoint_metrics_port=ep_metrics)
     env.host = tclient.default_host_names()[0] if tclient.default_host_names() \
         else socket.gethostname()
     farm_env = {k: v for k, v in os.environ.items()
                 if k in ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY",
                          "LANG", "TMPDIR")}
-    farm_env.update({"STAPFARM_PREFIX": PREFIX, "STAPFARM_TEST_LABEL": env.label,
+    farm_env.update({"STAPFARM_PREFIX": env.farm_prefix, "STAPFARM_TEST_LABEL": env.label,
                      "STAPFARM_HOSTNAME": env.host, config.CONFIG_FILE_ENV: str(gfile)})
     env.farm_env = farm_env
     return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
 
 
 def require_images(env: BenchEnv, emulated: bool) -> None:
@@ -140,6 +164,26 @@ def ensure_trees(env: BenchEnv, emulated: bool) -> list[dict[str, Any]]:
     return done
 
 
+def copy_trees(env: BenchEnv, emulated: bool) -> float:
+    """Copy the cached tree volumes into this run's farm's volumes (labelled with the run's
+    label, so removed at the end); returns the seconds it took."""
+    import time
+
+    t0 = time.monotonic()
+    for image_arch in (X86_64, ARM64) if emulated else (X86_64,):
+        dst = kernels.volume_name(env.farm_prefix, image_arch)
+        env.docker.volumes.create(dst, labels={
+            labels.OWNER: env.farm_prefix, labels.KIND: "kernels",
+            labels.IMAGE_ARCH: image_arch.debian, labels.TEST: env.label})
+        env.docker.containers.run(
+            env.images[image_arch.stap], entrypoint=["cp", "-a", "/src/.", "/dst/"], user="0:0",
+            network_mode="none", remove=True, platform=image_arch.docker_platform,
+            volumes={env.volume(image_arch): {"bind": "/src", "mode": "ro"},
+                     dst: {"bind": "/dst", "mode": "rw"}},
+            labels={labels.TEST: env.label, labels.OWNER: env.farm_prefix, labels.KIND: "job"})
+    return time.monotonic() - t0
+
+
 def start_client(env: BenchEnv) -> None:
     env.network = env.docker.networks.create(
         f"{PREFIX}-{env.run_id}-net", driver="bridge",
@@ -154,8 +198,16 @@ def start_client(env: BenchEnv) -> None:
 
 def cleanup(env: BenchEnv) -> list[str]:
     """Stop the bench's servers and remove everything labelled with this run's label."""
+    import docker.errors
+
     problems: list[str] = []
     if env.farm is not None:
+        try:
+            rc, out, err = env.farm.run("endpoint", "stop")
+            if rc != 0:
+                problems.append(f"stap-server endpoint stop: {out}{err}".strip())
+        except Exception as e:  # noqa: BLE001 - the label sweep below still runs
+            problems.append(f"stap-server endpoint stop: {e}")
         try:
             rc, out, err = env.farm.run("stop")
             if rc != 0:
@@ -163,6 +215,14 @@ def cleanup(env: BenchEnv) -> list[str]:
         except Exception as e:  # noqa: BLE001 - the label sweep below still runs
             problems.append(f"stap-server stop: {e}")
     problems += cleanup_label(env.docker, env.label)
+    # the endpoint's module cache volume is created by Docker from its mount (no labels);
+    # its name is this run's own
+    try:
+        env.docker.volumes.get(f"{env.farm_prefix}-modcache").remove(force=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as e:
+        problems.append(f"volume {env.farm_prefix}-modcache: {e}")
     shutil.rmtree(env.root, ignore_errors=True)
     return problems
 

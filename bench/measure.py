@@ -12,7 +12,7 @@ from typing import Any
 
 from bench import runs
 from bench.env import PREFIX, UPSTREAM_KIND, BenchEnv, say
-from farm import dockerclient, labels, tlsprobe
+from farm import dockerclient, endpoint_service, labels, tlsprobe
 from farm.errors import ServerError
 
 HELLO = 'probe begin { println("hello"); exit() }'
@@ -142,7 +142,7 @@ def memory(env: BenchEnv) -> dict[str, dict[str, float]]:
     """Memory of each running bench server, MiB: the cgroup's usage, and docker stats' figure
     (usage less inactive file cache)."""
     found = {}
-    for c in env.docker.containers.list(filters={"label": [f"{labels.OWNER}={PREFIX}",
+    for c in env.docker.containers.list(filters={"label": [f"{labels.OWNER}={env.farm_prefix}",
                                                           f"{labels.KIND}=server"]}):
         st = c.stats(stream=False).get("memory_stats", {})
         usage = float(st.get("usage", 0))
@@ -160,12 +160,21 @@ def memory(env: BenchEnv) -> dict[str, dict[str, float]]:
 
 
 def latency(env: BenchEnv, servers: dict[str, dict[str, Any]], strategies: list[str],
-            scripts: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Cold (caches dropped) then warm (the same request again) for each pair."""
+            scripts: list[str], given: dict[tuple[str, str], dict[str, Any]] | None = None,
+            skip: dict[tuple[str, str], str] | None = None
+            ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Cold (caches dropped) then warm (the same request again) for each pair; the pairs in
+    GIVEN were measured already (native `probe begin`: the overhead's first farm run)."""
     result: dict[str, dict[str, dict[str, Any]]] = {}
     for strategy in strategies:
         server = servers[strategy]
         for script in scripts:
+            if skip and (strategy, script) in skip:
+                result.setdefault(strategy, {})[script] = {"skipped": skip[(strategy, script)]}
+                continue
+            if given and (strategy, script) in given:
+                result.setdefault(strategy, {})[script] = given[(strategy, script)]
+                continue
             args, files = SCRIPTS[script]
             clear_caches(env)
             cold = runs.client_run(env.client, farm_args(env, server) + args, files)
@@ -221,43 +230,144 @@ def start_upstream(env: BenchEnv, server: dict[str, Any], n: int) -> dict[str, A
             "command": cmd}
 
 
-def overhead(env: BenchEnv, server: dict[str, Any], reps: int) -> dict[str, Any]:
-    """The same cold `probe begin` request: farm server vs bare `stap -p4` in the same image
-    vs upstream stap-serverd started by hand in the same image. Interleaved, REPS times."""
-    args, files = SCRIPTS["begin"]
+def hello(text: str) -> str:
+    return f'probe begin {{ println("{text}"); exit() }}'
+
+
+def start_endpoint(env: BenchEnv) -> float:
+    """`stap-server endpoint start` (the servers' certificate exists); seconds until it
+    returned (it waits for the endpoint's TLS handshake)."""
+    assert env.farm is not None
+    t0 = time.monotonic()
+    rc, out, err = env.farm.run("endpoint", "start")
+    if rc != 0:
+        raise RuntimeError(f"stap-server endpoint start failed:\n{out}{err}")
+    took = time.monotonic() - t0
+    handshake(env.endpoint_port, timeout=60)
+    return took
+
+
+def endpoint_metrics(env: BenchEnv) -> dict[str, float]:
+    return endpoint_service.metrics(env.endpoint_metrics_port)
+
+
+def via_endpoint(env: BenchEnv, server: dict[str, Any], args: list[str],
+                 files: dict[str, str] | None = None) -> tuple[runs.Run, dict[str, float]]:
+    """One request through the endpoint (same -a/-r as SERVER), and what the endpoint's
+    metrics say of it: requests, hit/miss counts and its own seconds (histogram deltas)."""
+    before = endpoint_metrics(env)
+    r = runs.client_run(env.client, farm_args(env, server, env.endpoint_port) + args, files)
+    after = endpoint_metrics(env)
+
+    def d(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    return r, {"requests": d("stapfarm_endpoint_request_seconds_count"),
+               "endpoint_seconds": round(d("stapfarm_endpoint_request_seconds_sum"), 4),
+               "hits": d("stapfarm_endpoint_cache_hits_total"),
+               "misses": d("stapfarm_endpoint_cache_misses_total")}
+
+
+def client_floor(env: BenchEnv, reps: int) -> list[float]:
+    """The client's own floor: `stap -V` timed in the client container like a compile."""
+    return [round(runs.client_run(env.client, ["-V"]).seconds, 4) for _ in range(reps)]
+
+
+NOSUCH = "6.0.0-nosuch-amd64"
+
+
+def request_floor(env: BenchEnv, server: dict[str, Any], reps: int) -> list[dict[str, Any]]:
+    """The real client's round-trip floor: a full request (pass 0, packing, TLS, the reply
+    unpacked) that the endpoint answers at once — a release nobody serves, so the endpoint
+    replies with its error without forwarding. The client exits non-zero (expected)."""
+    fake = dict(server, config=dict(server["config"], releases=[NOSUCH]))
+    out = []
+    for _ in range(reps):
+        runs.clear_client_cache(env.client)
+        r, seen = via_endpoint(env, fake, ["-m", "floor", "-e", hello("floor")])
+        answered = "Server:" in r.output and "no server for" in r.output
+        out.append({"rc": r.rc, "seconds": round(r.seconds, 4), "answered": answered,
+                    "endpoint_seconds": seen["endpoint_seconds"],
+                    **({} if answered else {"output_tail": r.output[-1000:]})})
+    return out
+
+
+def overhead(env: BenchEnv, server: dict[str, Any], reps: int, hits: int) -> dict[str, Any]:
+    """The same cold `probe begin` request (a distinct string per repetition, so no cache of
+    any kind knows it): bare `stap -p4` in the same image, upstream stap-serverd started by
+    hand in the same image, the farm server directly, and the farm endpoint (a cache miss,
+    forwarded to that same server). Interleaved, REPS times; the farm/endpoint order
+    alternates. After the first repetition's farm run the same request is repeated at once
+    (warm: the latency table's native `probe begin`), and after its endpoint run the
+    identical request is sent HITS more times through the endpoint (cache hits; the client's
+    own cache dropped before each, so every one reaches the endpoint)."""
     rel = server["config"]["releases"][0]
     attrs = env.docker.containers.get(server["container"]).attrs
     image = attrs["Config"]["Image"]
     volume = next(m["Name"] for m in attrs["Mounts"] if m["Type"] == "volume")
-    out: dict[str, list[dict[str, Any]]] = {"farm": [], "bare": [], "upstream": []}
+    out: dict[str, list[dict[str, Any]]] = {"farm": [], "bare": [], "upstream": [],
+                                            "endpoint": []}
+    first_warm: dict[str, Any] = {}
+    hit_runs: list[dict[str, Any]] = []
     upstream = start_upstream(env, server, 0)
     try:
         for i in range(reps):
+            args = ["-m", "hello", "-e", hello(f"hello {env.run_id} {i}")]
             bare = runs.bare_run(env.docker, image, volume, ["-p4", "-a",
-                                 server["config"]["arch"], "-r", rel, *args], env.label, files)
+                                 server["config"]["arch"], "-r", rel, *args], env.label)
             out["bare"].append(bare.brief())
             clear_caches(env, upstream["home"])
-            up = runs.client_run(env.client, farm_args(env, server, upstream["port"]) + args,
-                                 files)
+            up = runs.client_run(env.client, farm_args(env, server, upstream["port"]) + args)
             out["upstream"].append(up.brief())
-            clear_caches(env)
-            fm = runs.client_run(env.client, farm_args(env, server) + args, files)
-            out["farm"].append(fm.brief())
-            say(f"overhead {i + 1}/{reps}: farm {fm.seconds:.2f} s, bare {bare.seconds:.2f} s, "
-                f"upstream {up.seconds:.2f} s")
+
+            def farm_leg(i: int = i, args: list[str] = args) -> runs.Run:
+                clear_caches(env)
+                fm = runs.client_run(env.client, farm_args(env, server) + args)
+                out["farm"].append(fm.brief())
+                if i == 0:
+                    first_warm.update(runs.client_run(env.client, farm_args(env, server)
+                                                      + args).brief())
+                return fm
+
+            def endpoint_leg(i: int = i, args: list[str] = args) -> runs.Run:
+                clear_caches(env)
+                ep, seen = via_endpoint(env, server, args)
+                out["endpoint"].append(dict(ep.brief(), **seen))
+                if i == 0:
+                    for _ in range(hits):
+                        runs.clear_client_cache(env.client)
+                        h, hseen = via_endpoint(env, server, args)
+                        hit_runs.append(dict(h.brief(), **hseen))
+                return ep
+
+            if i % 2 == 0:
+                fm = farm_leg()
+                ep = endpoint_leg()
+            else:
+                ep = endpoint_leg()
+                fm = farm_leg()
+            say(f"overhead {i + 1}/{reps}: farm {fm.seconds:.2f} s, endpoint (miss) "
+                f"{ep.seconds:.2f} s, bare {bare.seconds:.2f} s, upstream {up.seconds:.2f} s")
     finally:
         upstream["container"].remove(force=True)
+    if hit_runs:
+        say("endpoint hits: client " + ", ".join(f"{h['seconds']:.3f}" for h in hit_runs)
+            + " s; endpoint side " + ", ".join(
+                f"{h['endpoint_seconds'] * 1000:.1f}" for h in hit_runs) + " ms")
     return {"runs": out, "upstream_command": upstream["command"],
-            "upstream_start_to_ready": round(upstream["ready"], 3)}
+            "upstream_start_to_ready": round(upstream["ready"], 3),
+            "first_warm": first_warm, "endpoint_hits": hit_runs}
 
 
 # --------------------------------------------------------------------------- throughput
 
 
-def throughput(env: BenchEnv, server: dict[str, Any], levels: list[int]) -> dict[str, Any]:
+def throughput(env: BenchEnv, server: dict[str, Any], levels: list[int],
+               given: dict[str, Any] | None = None) -> dict[str, Any]:
     """N concurrent clients (stap processes), each with a distinct script, against one
-    server; throughput = N / (last end - first start), compiles per minute."""
-    result: dict[str, Any] = {}
+    server; throughput = N / (last end - first start), compiles per minute. GIVEN: entries
+    measured elsewhere or skipped (--quick), kept as they are."""
+    result: dict[str, Any] = dict(given or {})
     client_id = env.client.id
     for n in levels:
         clear_caches(env)
@@ -288,7 +398,7 @@ def throughput(env: BenchEnv, server: dict[str, Any], levels: list[int]) -> dict
                           "runs": [r.brief() for r in done]}
         say(f"throughput {n} client(s): {len(ok)}/{n} ok in {span:.1f} s = "
             f"{per_min:.2f} compiles/min")
-    return result
+    return dict(sorted(result.items(), key=lambda kv: int(kv[0])))
 
 
 def server_threads(env: BenchEnv, server: dict[str, Any]) -> str:

@@ -16,6 +16,17 @@ TARGETS: dict[str, tuple[str, float | None, str]] = {
     "start-to-ready s": ("<=", 3.0, "`stap-server start` until a TLS handshake succeeds"),
     "stop s": ("<=", 2.0, "`stap-server stop` until the container is gone"),
     "idle MiB": ("<=", 64.0, "largest idle server, docker stats (usage - inactive file)"),
+    "endpoint hit s (client)": ("<=", 0.05, ("median client time of a repeated identical "
+                                "request through the endpoint (cache hit), real stap client")),
+    "endpoint hit s (endpoint)": ("<=", 0.05, ("median endpoint-side time of those hits "
+                                  "(stapfarm_endpoint_request_seconds sum/count delta)")),
+    "client floor s (stap -V)": ("", None, ("median time of `stap -V` in the client: what the "
+                                 "client costs before any request")),
+    "client floor s (request)": ("", None, ("median client time of a full request the "
+                                 "endpoint answers at once (a release nobody serves)")),
+    "endpoint hit - request floor s": ("", None, "client hit time less that request floor"),
+    "endpoint/direct (miss)": ("<=", 1.03, ("cold `probe begin`, distinct script: via the "
+                               "endpoint (cache miss) / directly to the same server, medians")),
 }
 
 
@@ -54,6 +65,22 @@ def ratios(res: dict[str, Any]) -> list[dict[str, Any]]:
         "stop s": statistics.median(life["stop"]) if life.get("stop") else None,
         "idle MiB": max(idle) if idle else None,
     }
+    ep = res.get("endpoint", {})
+    hits = [h for h in res.get("overhead", {}).get("endpoint_hits", [])
+            if h["rc"] == 0 and h.get("hits") == 1]
+    hit_client = statistics.median([h["seconds"] for h in hits]) if hits else None
+    floor = statistics.median(ep["client_floor"]) if ep.get("client_floor") else None
+    values["endpoint hit s (client)"] = hit_client
+    values["endpoint hit s (endpoint)"] = (statistics.median(
+        [h["endpoint_seconds"] for h in hits]) if hits else None)
+    values["client floor s (stap -V)"] = floor
+    rfl = [r["seconds"] for r in ep.get("request_floor", []) if r.get("answered")]
+    rfloor = statistics.median(rfl) if rfl else None
+    values["client floor s (request)"] = rfloor
+    values["endpoint hit - request floor s"] = (hit_client - rfloor if hit_client is not None
+                                                and rfloor is not None else None)
+    values["endpoint/direct (miss)"] = _div(_median_ok(ov.get("endpoint", [])),
+                                            _median_ok(ov.get("farm", [])))
     out = []
     for name, (op, target, what) in TARGETS.items():
         v = values[name]
@@ -95,6 +122,9 @@ def markdown(res: dict[str, Any]) -> str:
               "", "| strategy | script | cold | warm |", "|---|---|---|---|"]
     for strategy, scripts in res.get("latency", {}).items():
         for script, cw in scripts.items():
+            if cw.get("skipped"):
+                lines.append(f"| {strategy} | {script} | skipped ({cw['skipped']}) | – |")
+                continue
             cells = [(_f(cw[k]["seconds"]) if cw[k]["rc"] == 0 else f"failed ({cw[k]['rc']})")
                      for k in ("cold", "warm")]
             lines.append(f"| {strategy} | {script} | {cells[0]} | {cells[1]} |")
@@ -109,10 +139,36 @@ def markdown(res: dict[str, Any]) -> str:
     if ov:
         lines += ["", "## Farm overhead: cold `probe begin`, x86_64 native (seconds)", "",
                   "| path | runs | median |", "|---|---|---|"]
-        for k in ("farm", "upstream", "bare"):
+        for k in ("farm", "endpoint", "upstream", "bare"):
             rs = ov.get(k, [])
             lines.append(f"| {k} | {', '.join(_f(r['seconds']) if r['rc'] == 0 else 'failed' for r in rs)}"
                          f" | {_f(_median_ok(rs))} |")
+    ep = res.get("endpoint", {})
+    hits = res.get("overhead", {}).get("endpoint_hits", [])
+    if ep:
+        n = len(ov.get("endpoint", []))
+        lines += ["", "## Farm endpoint", "",
+                  f"- `stap-server endpoint start` returned after {_f(ep.get('start_seconds'))} s",
+                  "- cold miss: the overhead table's `endpoint` row — the same distinct script "
+                  "as the `farm` row, sent through the endpoint (which forwards it to that same "
+                  f"server), interleaved with it, n={n}" + (" (quick: n=1)" if n == 1 else ""),
+                  "- client floor, `stap -V` in the client container (s): "
+                  + ", ".join(_f(x, digits=3) for x in ep.get("client_floor", [])),
+                  "- client request floor, a full request the endpoint answers at once with "
+                  "its error (a release nobody serves; client s / endpoint-side ms): "
+                  + ", ".join(f"{_f(r['seconds'], digits=3)} / "
+                              f"{_f(r['endpoint_seconds'] * 1000, digits=1)}"
+                              + ("" if r.get("answered") else " (not answered as expected)")
+                              for r in ep.get("request_floor", []))]
+        if hits:
+            lines += ["", ("Cache hits: the identical request repeated through the endpoint, the "
+                      "client's own cache dropped before each."), "",
+                      "| # | client s | endpoint side ms | endpoint outcome |", "|---|---|---|---|"]
+            for i, h in enumerate(hits, 1):
+                what = "hit" if h.get("hits") == 1 else (
+                    "miss" if h.get("misses") else f"{h.get('requests')} requests")
+                lines.append(f"| {i} | {_f(h['seconds'], digits=3) if h['rc'] == 0 else 'failed'}"
+                             f" | {_f(h['endpoint_seconds'] * 1000, digits=1)} | {what} |")
     tp = res.get("throughput", {})
     if tp:
         lines += ["", (f"## Throughput, one x86_64 server (worker threads: "
@@ -120,9 +176,13 @@ def markdown(res: dict[str, Any]) -> str:
                   "| clients | ok | span s | compiles/min | vs 1 client |", "|---|---|---|---|---|"]
         base = tp.get("1", {}).get("compiles_per_minute")
         for n, t in tp.items():
+            if t.get("skipped"):
+                lines.append(f"| {n} | skipped ({t['skipped']}) | – | – | – |")
+                continue
             lines.append(f"| {n} | {t['succeeded']}/{t['clients']} | {_f(t['span_seconds'])} | "
                          f"{_f(t['compiles_per_minute'])} | "
-                         f"{_f(_div(t['compiles_per_minute'], base))} |")
+                         f"{_f(_div(t['compiles_per_minute'], base))} |"
+                         + (f" {t['note']}" if t.get("note") else ""))
     life = res.get("lifecycle", {})
     if life:
         lines += ["", "## Lifecycle (seconds; warm images, trees and certificate)", "",
@@ -160,6 +220,8 @@ def chart(res: dict[str, Any], path: Path) -> str:
     labels_, cold, warm = [], [], []
     for strategy, scripts in lat.items():
         for script, cw in scripts.items():
+            if cw.get("skipped"):
+                continue
             labels_.append(f"{strategy}\n{script}")
             cold.append(cw["cold"]["seconds"] if cw["cold"]["rc"] == 0 else 0)
             warm.append(cw["warm"]["seconds"] if cw["warm"]["rc"] == 0 else 0)
@@ -171,7 +233,7 @@ def chart(res: dict[str, Any], path: Path) -> str:
     ax1.set_title("latency by strategy", fontsize=9)
     ax1.legend(fontsize=7)
     tp = res.get("throughput", {})
-    ns = [int(n) for n in tp]
+    ns = [int(n) for n, t in tp.items() if not t.get("skipped")]
     ax2.plot(ns, [tp[str(n)]["compiles_per_minute"] for n in ns], marker="o")
     ax2.set_xticks(ns)
     ax2.set_xlabel("concurrent clients")
