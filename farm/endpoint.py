@@ -79,6 +79,7 @@ class Upstream:
     tree_ids: dict[str, str]  # release -> kernel tree manifest digest ("" = tree missing)
     slots: int  # requests it may build at once (its worker count)
     version: str = ""
+    handle: str = ""  # the backend's id of this incarnation (container id + image)
 
     def serves(self, target: Target) -> bool:
         return self.arch == target.arch and target.release in self.releases
@@ -88,6 +89,12 @@ class Directory(Protocol):
     """Where the running servers are (Docker in production, a list in unit tests)."""
 
     def upstreams(self) -> list[Upstream]: ...
+
+    def still_current(self, upstream: Upstream) -> bool:
+        """Whether UPSTREAM still runs as listed (same container, same image): checked
+        before a cached answer is given on its behalf, so a restart on another image
+        between two refreshes cannot serve a stale module."""
+        ...
 
 
 class Provisioner(Protocol):
@@ -372,6 +379,8 @@ class Endpoint:
         for u in usable:  # any replica's result will do
             hit = await loop.run_in_executor(self._pool, self.cache.get, keys[u.name])
             if hit is not None:
+                if not await loop.run_in_executor(self._pool, self.directory.still_current, u):
+                    raise _Unreachable(f"server {u.name} changed since the last look")
                 self.metrics.cache_hits.inc()
                 return hit, label, "hit"
         self.metrics.cache_misses.inc()
@@ -589,7 +598,16 @@ class DockerDirectory:
         trees = {r: self._tree(c, r) for r in releases}
         slots = cfg.max_threads or 2
         return Upstream(name=str(c.name), host=self.host, port=port, arch=cfg.arch,
-                        releases=releases, identity=identity, tree_ids=trees, slots=slots)
+                        releases=releases, identity=identity, tree_ids=trees, slots=slots,
+                        handle=f"{c.id} {image}")
+
+    def still_current(self, upstream: Upstream) -> bool:
+        container_id, _, image = upstream.handle.partition(" ")
+        try:
+            c = self.client.containers.get(container_id)
+        except Exception:  # noqa: BLE001 - NotFound: it is gone
+            return False
+        return bool(c.status == "running" and str(c.attrs.get("Image", "")) == image)
 
     def _tree(self, c: Any, release: str) -> str:
         """Digest of RELEASE's manifest in C's kernel volume ("" when the tree is gone)."""

@@ -145,6 +145,9 @@ class FakeDirectory:
         self.calls += 1
         return list(self.servers)
 
+    def still_current(self, u: Upstream) -> bool:
+        return any(s.port == u.port and s.identity == u.identity for s in self.servers)
+
 
 def upstream(name: str, port: int, release: str = REL, arch: str = "x86_64", slots: int = 2,
              tree: str = "tree-1", identity: str = "image-1") -> Upstream:
@@ -461,3 +464,14 @@ def test_a_crash_while_provisioning_is_answered_too(make: Callable[..., Running]
     rc, resp = compile_(r.port, request_zip())
     assert rc == 1
     assert "provisioning failed: [Errno 30] Read-only file system" in stderr(resp)
+
+
+def test_a_restart_on_another_image_between_refreshes_is_not_served_from_the_cache(
+        make: Callable[..., Running], identity: tuple[str, str]) -> None:
+    s = FakeServer(identity)
+    d = FakeDirectory([upstream("x86", s.port)])
+    r = make(d)
+    compile_(r.port, request_zip())
+    d.servers = [upstream("x86", s.port, identity="image-2")]  # the table is not refreshed yet
+    rc, _ = compile_(r.port, request_zip())
+    assert rc == 0 and len(s.builds) == 2
