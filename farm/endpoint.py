@@ -174,6 +174,7 @@ class Endpoint:
         self.metrics = metrics or Metrics()
         self.ssl_context = ssl_context or server_context(settings.cert_file, settings.key_file)
         self.pinned = _cert_der(settings.cert_file) if settings.cert_file else b""
+        self._pin_id = hashlib.sha256(self.pinned).hexdigest()
         self._pool = concurrent.futures.ThreadPoolExecutor(settings.workers,
                                                            thread_name_prefix="forward")
         self._busy: dict[str, int] = {}
@@ -375,7 +376,10 @@ class Endpoint:
                 f"the kernel tree of {target.release} ({target.arch}) is missing from the "
                 f"farm (server {u.name}); add it with `stap-server kernels add -a {machine} "
                 f"-r {target.release}`"), label, "failed"
-        keys = {u.name: wire.cache_key(request, _identity(u, target)) for u in usable}
+        # The certificate is part of what built it: a stapusr module's .ko.sgn is signed
+        # with the servers' key, which a renewal replaces.
+        keys = {u.name: wire.cache_key(request, _identity(u, target) + self._pin_id)
+                for u in usable}
         for u in usable:  # any replica's result will do
             hit = await loop.run_in_executor(self._pool, self.cache.get, keys[u.name])
             if hit is not None:
