@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -117,8 +116,8 @@ def container_spec(cfg: ServerConfig, plan: BuildPlan, where: Placement,
         # Upstream has no per-connection timeout: held workers make a server unresponsive
         # while its process lives; the health check makes that visible (docker ps, status).
         "healthcheck": Healthcheck(
-            test=["CMD", "sh", "-c", "printf '\\0\\0\\0\\0' | timeout 5 openssl s_client "
-                  f"-quiet -connect 127.0.0.1:{where.port} >/dev/null 2>&1"],
+            test=["CMD", "sh", "-c", ("printf '\\0\\0\\0\\0' | timeout 5 openssl s_client "
+                  f"-quiet -connect 127.0.0.1:{where.port} >/dev/null 2>&1")],
             interval=30_000_000_000, timeout=10_000_000_000, retries=3,
             start_period=60_000_000_000),
         "platform": plan.image_arch.docker_platform,

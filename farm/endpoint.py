@@ -281,7 +281,7 @@ class Endpoint:
         started = time.monotonic()
         try:
             response, target, outcome = await self._answer(data, peer)
-        except Exception as e:  # noqa: BLE001 - a bug or an odd failure: answer, never drop
+        except Exception as e:  # a bug or an odd failure: answer, never drop
             log.exception("request from %s failed", peer)
             response, target, outcome = self._error(f"the farm endpoint failed: {e}"), "-", \
                 "failed"
@@ -475,7 +475,7 @@ class Endpoint:
                 await loop.run_in_executor(self._pool, self.provisioner.provision, target,
                                            lambda line: log.info("provisioning %s: %s",
                                                                  label, line))
-            except Exception as e:  # noqa: BLE001 - FarmError, or Docker/OS errors: answered
+            except Exception as e:
                 self.metrics.provisioning.labels(label, "failed").inc()
                 log.warning("provisioning %s failed: %s", label, e)
                 raise _NoServer(f"no server for {target.release} {target.arch} and "

@@ -164,8 +164,8 @@ class TreeStore:
             return []
         job = self._job()
         try:
-            code, out = job.exec_run(["sh", "-c", f"cat {MOUNT}/{MANIFESTS}/*.json 2>/dev/null"
-                                      " | tr '\\n' ' '; echo"])
+            _code, out = job.exec_run(["sh", "-c", (f"cat {MOUNT}/{MANIFESTS}/*.json 2>/dev/null"
+                                      " | tr '\\n' ' '; echo")])
         finally:
             job.remove(force=True)
         trees = []
@@ -216,10 +216,10 @@ class TreeStore:
         try:
             # Only leftovers of interrupted adds are removed: a concurrent add's staging
             # directory is younger than a day.
-            job.exec_run(["sh", "-c", f"mkdir -p {MOUNT}/.stapfarm/staging; find "
+            job.exec_run(["sh", "-c", (f"mkdir -p {MOUNT}/.stapfarm/staging; find "
                                       f"{MOUNT}/.stapfarm/staging -mindepth 1 -maxdepth 1 "
                                       f"-mmin +1440 -exec rm -rf {{}} +; mkdir -p {staging}"
-                                      f" {MOUNT}/{MANIFESTS}"])
+                                      f" {MOUNT}/{MANIFESTS}")])
             kernelvariables = ""
             for pkg in wanted:
                 if pkg is not headers and self._present(job, pkg, release, abi):
@@ -239,14 +239,14 @@ class TreeStore:
                         hint="add it to COMPILERS in images/Dockerfile."
                              f"{self.image_arch.machine} and rebuild")
             links = [f"mkdir -p {MOUNT}/usr/lib/modules/{release} {MOUNT}/usr/src/",
-                     f"ln -sfn ../../../src/linux-headers-{release} "
-                     f"{MOUNT}/usr/lib/modules/{release}/build",
-                     f"ln -sfn ../../../src/linux-headers-{abi}-common "
-                     f"{MOUNT}/usr/lib/modules/{release}/source"]
+                     (f"ln -sfn ../../../src/linux-headers-{release} "
+                     f"{MOUNT}/usr/lib/modules/{release}/build"),
+                     (f"ln -sfn ../../../src/linux-headers-{abi}-common "
+                     f"{MOUNT}/usr/lib/modules/{release}/source")]
             if debuginfo:
                 links += [f"mkdir -p {MOUNT}/boot",
-                          f"ln -sfn ../usr/lib/debug/boot/System.map-{release} "
-                          f"{MOUNT}/boot/System.map-{release}"]
+                          (f"ln -sfn ../usr/lib/debug/boot/System.map-{release} "
+                          f"{MOUNT}/boot/System.map-{release}")]
             code, out = job.exec_run(["sh", "-ec", f"cp -a {staging}/. {MOUNT}/; "
                                       f"rm -rf {staging}; " + "; ".join(links)])
             if code != 0:

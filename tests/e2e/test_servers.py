@@ -131,7 +131,7 @@ def test_restart_keeps_the_certificate_serial(farm: Farm) -> None:
     assert set(after) == {"native", "cross"}
     assert after["native"]["container"] != before["native"]["container"]
     assert tlsprobe.probe("127.0.0.1", after["native"]["port"]).get_serial_number() == serial
-    rc, out, modules = farm.stap(after["cross"], ["-m", "hello", "-e", HELLO])
+    rc, out, _modules = farm.stap(after["cross"], ["-m", "hello", "-e", HELLO])
     assert rc == 0, out
 
 

@@ -41,7 +41,7 @@ def identity(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     d = tmp_path_factory.mktemp("identity")
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Systemtap Compile Server")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(0xCC23FD50)
             .not_valid_before(now - datetime.timedelta(days=1))
@@ -398,7 +398,7 @@ def test_a_server_with_another_certificate_is_refused(make: Callable[..., Runnin
     other.mkdir()
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "impostor")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(7).not_valid_before(now)
             .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
@@ -445,12 +445,12 @@ def test_connections_over_the_cap_are_refused(make: Callable[..., Running]) -> N
     deadline = time.monotonic() + 5
     while r.endpoint._open < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-        with socket.create_connection(("127.0.0.1", r.port), timeout=5) as raw, \
-                client_ctx().wrap_socket(raw) as tls:
-            tls.sendall(b"\0\0\0\x01")
-            if tls.recv(1) == b"":
-                raise ConnectionError("closed")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)), \
+            socket.create_connection(("127.0.0.1", r.port), timeout=5) as raw, \
+            client_ctx().wrap_socket(raw) as tls:
+        tls.sendall(b"\0\0\0\x01")
+        if tls.recv(1) == b"":
+            raise ConnectionError("closed")
     assert r.endpoint.metrics.refused._value.get() == 1
     for h in held:
         h.close()
