@@ -475,7 +475,7 @@ class Endpoint:
                 await loop.run_in_executor(self._pool, self.provisioner.provision, target,
                                            lambda line: log.info("provisioning %s: %s",
                                                                  label, line))
-            except Exception as e:
+            except Exception as e:  # FarmError, or Docker/OS errors: answered
                 self.metrics.provisioning.labels(label, "failed").inc()
                 log.warning("provisioning %s failed: %s", label, e)
                 raise _NoServer(f"no server for {target.release} {target.arch} and "
