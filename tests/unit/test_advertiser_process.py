@@ -280,13 +280,13 @@ def test_advertiser_container_spec() -> None:
 def test_a_running_endpoint_is_advertised_per_arch_instead_of_its_servers() -> None:
     w = World()
     native = FakeContainer(name="farm-x86", port=40002, cmd=[
-        "-a", "x86_64", "-r", "6.12.9+deb13-amd64", "--port", "40002"])
+        "-a", "x86_64", "-r", "6.12.9+tst13-amd64", "--port", "40002"])
     w.engine.running += [cross(), native]
     w.answering.update({40001: 0xCC23FD50, 40002: 0xCC23FD50})
     w.adv.resync()
     assert {s.port for s in w.pub.live.values()} == {40001, 40002}  # type: ignore[union-attr]
     endpoint = FakeContainer(name="farm-endpoint", port=5100, cmd=[], kind="endpoint",
-                             extra_labels={labels.OFFERS: "arm64:6.12.1+deb13-arm64"})
+                             extra_labels={labels.OFFERS: "arm64:6.12.1+tst13-arm64"})
     w.engine.running.append(endpoint)
     w.answering[5100] = 0xCC23FD50
     for _ in range(2):  # names just withdrawn are reused one pass later (as avahi)
@@ -296,8 +296,8 @@ def test_a_running_endpoint_is_advertised_per_arch_instead_of_its_servers() -> N
     live = list(w.pub.live.values())
     assert {s.port for s in live} == {5100}
     sysinfos = sorted(_sysinfo(s.txt) for s in live)
-    assert sysinfos == sorted([f"sysinfo={REL} arm64", "sysinfo=6.12.1+deb13-arm64 arm64",
-                               "sysinfo=6.12.9+deb13-amd64 x86_64"])
+    assert sysinfos == sorted([f"sysinfo={REL} arm64", "sysinfo=6.12.1+tst13-arm64 arm64",
+                               "sysinfo=6.12.9+tst13-amd64 x86_64"])
     assert all("certinfo=00:cc:23:fd:50" in s.txt.decode() for s in live)
     # The endpoint gone: the servers themselves again.
     w.engine.running.remove(endpoint)

@@ -361,11 +361,11 @@ def test_structured_lines_raise_only_config_errors(lines: list[str]) -> None:
 
 def test_global_endpoint_settings() -> None:
     g = parse_global_text("ENDPOINT_PORT=5200\nENDPOINT_METRICS_PORT=0\nENDPOINT_PROVISION=yes\n"
-                          "ENDPOINT_OFFER=aarch64:6.12.1+deb13-arm64\nENDPOINT_OFFER+=x86_64\n"
+                          "ENDPOINT_OFFER=aarch64:6.12.1+tst13-arm64\nENDPOINT_OFFER+=x86_64\n"
                           "ENDPOINT_CACHE_SIZE=512m\nENDPOINT_MAX_CONNECTIONS=10\n"
                           "ENDPOINT_IDLE_TIMEOUT=5\n", "g", G, {}, 1000)
     assert (g.endpoint_port, g.endpoint_metrics_port, g.endpoint_provision) == (5200, 0, True)
-    assert g.endpoint_offer == ("aarch64:6.12.1+deb13-arm64", "x86_64")
+    assert g.endpoint_offer == ("aarch64:6.12.1+tst13-arm64", "x86_64")
     assert (g.endpoint_cache_size, g.endpoint_max_connections, g.endpoint_idle_timeout) == (
         "512m", 10, 5)
 

@@ -33,7 +33,7 @@ from farm.endpoint import Endpoint, Settings, Target, Upstream
 from farm.errors import FarmError
 from farm.modcache import ModuleCache
 
-REL = "6.12.9+deb13-amd64"
+REL = "6.12.9+tst13-amd64"
 
 
 @pytest.fixture(scope="module")
@@ -262,13 +262,13 @@ def test_routes_by_sysinfo_and_answers_a_repeat_from_the_cache(
         make: Callable[..., Running], identity: tuple[str, str]) -> None:
     x86, arm = FakeServer(identity), FakeServer(identity)
     d = FakeDirectory([upstream("x86", x86.port),
-                       upstream("arm", arm.port, release="6.12.9+deb13-arm64", arch="arm64")])
+                       upstream("arm", arm.port, release="6.12.9+tst13-arm64", arch="arm64")])
     r = make(d)
     rc, first = compile_(r.port, request_zip())
     assert rc == 0 and len(x86.builds) == 1 and not arm.builds
     rc, again = compile_(r.port, request_zip())
     assert rc == 0 and again == first and len(x86.builds) == 1
-    rc, _ = compile_(r.port, request_zip(release="6.12.9+deb13-arm64", arch="arm64"))
+    rc, _ = compile_(r.port, request_zip(release="6.12.9+tst13-arm64", arch="arm64"))
     assert rc == 0 and len(arm.builds) == 1
     assert r.endpoint.metrics.cache_hits._value.get() == 1
 

@@ -17,7 +17,7 @@ from farm.render import status_json, status_line
 from farm.spec import GlobalConfig, ServerConfig, Strategy
 from farm.strategy import BuildPlan
 
-REL = "6.12.99+deb13-amd64"
+REL = "6.12.99+tst13-amd64"
 X86 = ServerConfig(arch="x86_64", releases=(REL,), user="u", log="/l", nickname="k")
 
 
@@ -31,8 +31,8 @@ def test_tree_problem_names_the_release_and_the_command_that_fixes_it() -> None:
     assert tree_problem(REL, native) == (
         f"kernel tree {REL} (x86_64) missing: stap-server kernels add -a x86_64 -r {REL}")
     emulated = BuildPlan(Strategy.EMULATED, ARM64, ARM64)
-    assert tree_problem("6.12.99+deb13-arm64", emulated).endswith(
-        "kernels add -a aarch64 -r 6.12.99+deb13-arm64 --strategy emulated")
+    assert tree_problem("6.12.99+tst13-arm64", emulated).endswith(
+        "kernels add -a aarch64 -r 6.12.99+tst13-arm64 --strategy emulated")
 
 
 def _check(root: Path, *releases: str) -> list[str]:

@@ -31,7 +31,7 @@ ARGV = ("script/tmp/x/hello.stp", "-I", "tapset/tmp/x/tapdir", "-v", "-p4",
         "-DMAXACTION=1000", "--", "world")
 HELLO: dict[str, bytes] = {
     "version": b"5.1",
-    "sysinfo": b"sysinfo: 6.12.48+deb13-amd64 x86_64",
+    "sysinfo": b"sysinfo: 6.12.48+tst13-amd64 x86_64",
     "locale": b"LANG=en_US.UTF-8\nLC_ALL=C.UTF-8\n",
     **{f"argv{i}": a.encode() for i, a in enumerate(ARGV, start=1)},
     "script/tmp/x/hello.stp": SCRIPT,
@@ -123,7 +123,7 @@ def test_parse_length_is_signed_big_endian() -> None:
 def test_client_request_round_trip() -> None:
     request = wire.inspect_request(client_zip(HELLO), LIMIT)
     assert request.version == "5.1"
-    assert request.release == "6.12.48+deb13-amd64" and request.arch == "x86_64"
+    assert request.release == "6.12.48+tst13-amd64" and request.arch == "x86_64"
     assert request.argv == ARGV
     assert request.files == tuple(sorted(HELLO.items()))
     assert all(not name.endswith("/") for name, _ in request.files)
