@@ -17,9 +17,8 @@ import os
 import socket
 import subprocess
 import tarfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +35,15 @@ from tests.support.client import (
     start_client,
 )
 from tests.support.farm import Farm, make_farm
+from tests.support.mdns_browser import Browser
+from tests.support.poll import poll as wait_for
+from tests.support.poll import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 HELLO = 'probe begin { println("hello"); exit() }'
 READY = 180.0  # seconds for a server to answer TLS after `up` / `deploy`
 SERVICE_TYPE = "_stap._tcp.local."
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
-        time.sleep(0.25)
 
 
 def run(args: list[str], env: dict[str, str], check: bool = True,
@@ -131,41 +125,6 @@ def compile_hello(client: Any, host: str, port: int, target: Arch, release: str)
     ko = modules["hello.ko"]
     assert elf_machine(ko) == target.elf_machine
     assert vermagic(ko).split()[0] == release
-
-
-class Browser:
-    """`_stap._tcp` services seen by python-zeroconf on one address: {name: port}."""
-
-    def __init__(self, address: str) -> None:
-        from zeroconf import IPVersion, ServiceBrowser, Zeroconf
-
-        self.zc = Zeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
-        self.names: set[str] = set()
-        self._lock = threading.Lock()
-        self.browser = ServiceBrowser(self.zc, SERVICE_TYPE, handlers=[self._on_change])
-
-    def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
-        from zeroconf import ServiceStateChange
-
-        with self._lock:
-            if state_change is ServiceStateChange.Removed:
-                self.names.discard(name)
-            else:
-                self.names.add(name)
-
-    def ports(self) -> dict[str, int]:
-        with self._lock:
-            names = set(self.names)
-        found = {}
-        for name in names:
-            info = self.zc.get_service_info(SERVICE_TYPE, name, timeout=2000)
-            if info is not None:
-                found[name] = int(info.port or 0)
-        return found
-
-    def close(self) -> None:
-        self.browser.cancel()
-        self.zc.close()
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -383,10 +342,7 @@ def stack(swarm: None, docker_client: Any, trees: KernelTrees, test_prefix: str,
     finally:
         subprocess.run(["docker", "stack", "rm", name], capture_output=True, check=False)
         flt = {"label": [f"com.docker.stack.namespace={name}"]}
-        deadline = time.monotonic() + 120
-        while docker_client.containers.list(all=True, filters=flt) and \
-                time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until(lambda: not docker_client.containers.list(all=True, filters=flt), 120, 0.5)
         for c in docker_client.containers.list(all=True, filters=flt):
             c.remove(force=True)
         remove_volumes(docker_client, [env["STAPFARM_HOME_VOLUME"], env["STAPFARM_LOG_VOLUME"]])

@@ -12,7 +12,6 @@ import io
 import json
 import re
 import socket
-import time
 from contextlib import redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from tests.support.client import (
     start_client,
 )
 from tests.support.farm import private_environ
+from tests.support.poll import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -129,13 +129,8 @@ def test_avahi_browse_shows_the_service_with_upstreams_txt(farm: Farm, docker_cl
     version = parse_stap_version(v.decode())
     certinfo = tlsprobe.certinfo(
         tlsprobe.probe("127.0.0.1", farm.server["port"]).get_serial_number())
-    deadline = time.monotonic() + 60
-    rows: list[list[str]] = []
-    while time.monotonic() < deadline:
-        rows = [r for r in _browse(farm.client) if r[8] == str(farm.server["port"])]
-        if rows:
-            break
-        time.sleep(0.5)
+    rows = wait_until(lambda: [r for r in _browse(farm.client)
+                               if r[8] == str(farm.server["port"])], 60, 0.5)
     log = _advertiser_log(docker_client, test_prefix)
     assert [r[3] for r in rows] == [f"Systemtap Compile Server on {host}"], (rows, log)
     row = rows[0]
@@ -149,15 +144,16 @@ def test_avahi_browse_shows_the_service_with_upstreams_txt(farm: Farm, docker_cl
 
 
 def test_list_servers_shows_the_aarch64_server(farm: Farm) -> None:
-    deadline = time.monotonic() + 60
-    out = ""
-    while time.monotonic() < deadline:
-        rc, out, _ = client_stap(farm.client, ["--list-servers=online,trusted,compatible",
-                                               "-a", "arm64", "-r", farm.release])
-        assert rc == 0, out
-        if f'sysinfo="{farm.release} arm64"' in out:
-            break
-        time.sleep(0.5)
+    seen = [""]
+
+    def listed() -> bool:
+        rc, seen[0], _ = client_stap(farm.client, ["--list-servers=online,trusted,compatible",
+                                                   "-a", "arm64", "-r", farm.release])
+        assert rc == 0, seen[0]
+        return f'sysinfo="{farm.release} arm64"' in seen[0]
+
+    wait_until(listed, 60, 0.5)
+    out = seen[0]
     assert f'sysinfo="{farm.release} arm64"' in out, out
     assert f"port={farm.server['port']}" in out and f"address={farm.gateway}" in out
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import redirect_stderr
 from pathlib import Path
 from typing import Any
@@ -29,52 +27,10 @@ from farm.mdns import SERVICE_TYPE
 from tests.conftest import KernelTrees
 from tests.support.client import network_gateway
 from tests.support.farm import private_environ
+from tests.support.mdns_browser import Browser
+from tests.support.poll import poll as wait_for
 
 pytestmark = [pytest.mark.docker]
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-class Browser:
-    """The `_stap._tcp` services a python-zeroconf browser on one address sees."""
-
-    def __init__(self, address: str) -> None:
-        from zeroconf import IPVersion, ServiceBrowser, Zeroconf
-
-        self.zc = Zeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
-        self.names: set[str] = set()
-        self.events: list[tuple[str, str]] = []
-        self._lock = threading.Lock()
-        self.browser = ServiceBrowser(self.zc, SERVICE_TYPE, handlers=[self._on_change])
-
-    def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
-        from zeroconf import ServiceStateChange
-
-        with self._lock:
-            self.events.append((state_change.name, name))
-            if state_change is ServiceStateChange.Removed:
-                self.names.discard(name)
-            else:
-                self.names.add(name)
-
-    def current(self) -> set[str]:
-        with self._lock:
-            return set(self.names)
-
-    def resolve(self, name: str) -> Any:
-        info = self.zc.get_service_info(SERVICE_TYPE, name, timeout=5000)
-        assert info is not None, f"{name} did not resolve"
-        return info
-
-    def close(self) -> None:
-        self.browser.cancel()
-        self.zc.close()
 
 
 class Farm:
@@ -171,8 +127,9 @@ def test_services_appear_on_start_and_go_on_stop_and_on_docker_kill(
     assert browser.current() == set()
 
     server = _start(farm, kernel_trees)
-    wait_for("the service to appear", lambda: browser.current() == {expected})
-    info = browser.resolve(expected)
+    wait_for("the service to appear", lambda: browser.current() == {expected}, 60)
+    info = browser.info(expected, timeout_ms=5000)
+    assert info is not None, f"{expected} did not resolve"
     assert info.port == server["port"]
     assert info.parsed_addresses() == [gateway]
     assert info.server == f"{host}.local."
@@ -180,14 +137,14 @@ def test_services_appear_on_start_and_go_on_stop_and_on_docker_kill(
 
     rc, out, err = farm.run("stop")
     assert rc == 0, out + err
-    wait_for("the service to go on stop", lambda: browser.current() == set())
-    assert ("Removed", expected) in browser.events
+    wait_for("the service to go on stop", lambda: browser.current() == set(), 60)
+    assert browser.saw("Removed", expected)
 
     server = _start(farm, kernel_trees)
-    wait_for("the service to come back", lambda: browser.current() == {expected})
+    wait_for("the service to come back", lambda: browser.current() == {expected}, 60)
     browser.events.clear()
     docker_client.containers.get(server["container"]).kill()
-    wait_for("the service to go on docker kill", lambda: ("Removed", expected) in browser.events)
+    wait_for("the service to go on docker kill", lambda: browser.saw("Removed", expected), 60)
 
 
 def test_advertiser_restart_withdraws_and_readvertises(
@@ -199,14 +156,14 @@ def test_advertiser_restart_withdraws_and_readvertises(
     first = Advertiser(lambda: connect(), test_prefix, [gateway], "127.0.0.1")
     first.start()
     try:
-        wait_for("the service to appear", lambda: len(browser.current()) == 1)
+        wait_for("the service to appear", lambda: len(browser.current()) == 1, 60)
     finally:
         first.close()
-    wait_for("goodbyes when the advertiser stops", lambda: browser.current() == set())
+    wait_for("goodbyes when the advertiser stops", lambda: browser.current() == set(), 60)
     second = Advertiser(lambda: connect(), test_prefix, [gateway], "127.0.0.1")
     second.start()
     try:
-        wait_for("the service to reappear", lambda: len(browser.current()) == 1)
+        wait_for("the service to reappear", lambda: len(browser.current()) == 1, 60)
     finally:
         second.close()
     servers = docker_client.containers.list(filters={"label": [

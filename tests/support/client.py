@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from farm import labels
+from tests.support.poll import wait_until
 
 CLIENT_TAG = "stapfarm-test/client:trixie"
 BASE_TAG = "stapfarm/base:trixie-amd64"
@@ -183,11 +184,9 @@ def _exec(container: Any, cmd: list[str], user: str = "root",
                               environment={"HOME": HOME if user == USER else "/root",
                                            "LANG": "C.UTF-8"})["Id"]
     api.exec_start(exec_id, detach=True)
-    deadline = time.monotonic() + timeout
-    while api.exec_inspect(exec_id)["Running"]:
-        if time.monotonic() > deadline:  # the command is left to the container's removal
-            return 124, _read(container, out) + f"\n[no result after {timeout:.0f} s]"
-        time.sleep(0.25)
+    if not wait_until(lambda: not api.exec_inspect(exec_id)["Running"], timeout, 0.25):
+        # the command is left to the container's removal
+        return 124, _read(container, out) + f"\n[no result after {timeout:.0f} s]"
     rc_text = _read(container, f"{out}.rc").strip()
     output = _read(container, out)
     container.exec_run(["rm", "-f", out, f"{out}.rc"])
@@ -262,11 +261,9 @@ def start_avahi(container: Any, timeout: float = 60) -> None:
                                                "avahi-daemon --no-chroot --daemonize")])
     if code != 0:
         raise RuntimeError(f"starting avahi in {container.name} failed: {out.strip()}")
-    deadline = time.monotonic() + timeout
-    while container.exec_run(["avahi-daemon", "--check"]).exit_code != 0:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"avahi-daemon did not come up in {container.name}")
-        time.sleep(0.25)
+    if not wait_until(lambda: container.exec_run(["avahi-daemon", "--check"]).exit_code == 0,
+                      timeout, 0.25):
+        raise RuntimeError(f"avahi-daemon did not come up in {container.name}")
 
 
 def client_stap(container: Any, args: list[str], files: Mapping[str, bytes | str] | None = None,

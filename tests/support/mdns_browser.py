@@ -4,6 +4,7 @@ gateway): mDNS in tests never leaves on an interface the test did not create.
     b = Browser(gateway)
     svc = b.wait_for_port(port, timeout=60)   # {"name", "port", "txt": {key: value}} or None
     b.events                                   # [(monotonic time, "Added"/"Removed"/..., name)]
+    b.ports()                                  # {name: port} of what resolves now
     b.close()
 """
 
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 from farm.mdns import SERVICE_TYPE
+from tests.support.poll import wait_until
 
 
 class Browser:
@@ -41,9 +43,27 @@ class Browser:
         with self._lock:
             return set(self.names)
 
+    def saw(self, kind: str, name: str) -> bool:
+        """Whether an event KIND ("Added", "Removed", "Updated") for NAME was seen."""
+        with self._lock:
+            return any(k == kind and n == name for _, k, n in self.events)
+
+    def info(self, name: str, timeout_ms: int = 3000) -> Any:
+        """python-zeroconf's ServiceInfo of NAME, or None when it does not resolve."""
+        return self.zc.get_service_info(SERVICE_TYPE, name, timeout=timeout_ms)
+
+    def ports(self) -> dict[str, int]:
+        """{name: port} of every browsed service that resolves now."""
+        found = {}
+        for name in self.current():
+            info = self.info(name, timeout_ms=2000)
+            if info is not None:
+                found[name] = int(info.port or 0)
+        return found
+
     def resolve(self, name: str, timeout_ms: int = 3000) -> dict[str, Any] | None:
         """NAME's port and TXT (decoded), or None when it does not resolve."""
-        info = self.zc.get_service_info(SERVICE_TYPE, name, timeout=timeout_ms)
+        info = self.info(name, timeout_ms)
         if info is None:
             return None
         txt = {k.decode(): (v or b"").decode() for k, v in (info.properties or {}).items()}
@@ -58,12 +78,7 @@ class Browser:
         return None
 
     def wait_for_port(self, port: int, timeout: float) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.with_port(port)
-            if got is not None or time.monotonic() > deadline:
-                return got
-            time.sleep(0.2)
+        return wait_until(lambda: self.with_port(port), timeout)
 
     def close(self) -> None:
         self.browser.cancel()
