@@ -28,6 +28,7 @@ from tests.conftest import SUITES, KernelTrees, elf_machine
 from tests.support.client import authorize_cert, client_stap, default_host_names, start_client
 from tests.support.farm import Farm, make_farm
 from tests.support.poll import poll as _poll
+from tests.support.wire_client import exchange, tls
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -208,35 +209,12 @@ def test_an_oversized_request_gets_the_endpoints_error(ep: Endpoint) -> None:
     say("oversized request: " + next(line for line in out.splitlines() if "Server:" in line))
 
 
-def _tls(port: int) -> ssl.SSLSocket:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
-    return ctx.wrap_socket(raw)
-
-
-def _exchange(port: int, payload: bytes) -> bytes:
-    with _tls(port) as s:
-        s.sendall(payload)
-        chunks = []
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ssl.SSLEOFError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @pytest.mark.parametrize("payload,expected", [
     (struct.pack(">i", 12) + b"not a zip!!!", "request is not a zip archive"),
     (struct.pack(">i", -5), "invalid request length -5"),
 ])
 def test_hostile_requests_are_answered(ep: Endpoint, payload: bytes, expected: str) -> None:
-    response = _exchange(ep.port, payload)
+    response = exchange(ep.port, payload)
     with zipfile.ZipFile(io.BytesIO(response)) as z:
         assert z.read("rc") == b"1"
         assert expected in z.read("stderr").decode()
@@ -244,7 +222,7 @@ def test_hostile_requests_are_answered(ep: Endpoint, payload: bytes, expected: s
 
 
 def test_fifty_idle_connections_do_not_stop_a_real_client(ep: Endpoint) -> None:
-    idle = [_tls(ep.port) for _ in range(50)]
+    idle = [tls(ep.port) for _ in range(50)]
     try:
         _poll("50 idle connections open", lambda: ep.metrics().get(
             "stapfarm_endpoint_connections", 0) >= 50, 30)

@@ -32,6 +32,8 @@ from farm import wire
 from farm.endpoint import Endpoint, Settings, Target, Upstream
 from farm.errors import FarmError
 from farm.modcache import ModuleCache
+from tests.support.poll import poll
+from tests.support.wire_client import client_context, exchange
 
 REL = "6.12.9+tst13-amd64"
 
@@ -162,6 +164,7 @@ class FakeProvisioner:
     calls: list[Target] = field(default_factory=list)
     fail: str = ""
     crash: Exception | None = None
+    gate: threading.Event | None = None  # a slow start: set by the test when it may finish
 
     def offers(self) -> list[Target]:
         return []
@@ -172,7 +175,8 @@ class FakeProvisioner:
             raise FarmError(self.fail)
         if self.crash is not None:
             raise self.crash
-        time.sleep(0.3)  # a slow start: concurrent requests must wait for this one
+        if self.gate is not None:
+            self.gate.wait(10)
         self.directory.servers.append(self.make(target))
 
 
@@ -220,29 +224,6 @@ def make(identity: tuple[str, str], tmp_path: Path) -> Iterator[Callable[..., Ru
     yield start
     for r in running:
         r.stop()
-
-
-def client_ctx() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def exchange(port: int, payload: bytes, timeout: float = 30) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw, \
-            client_ctx().wrap_socket(raw) as tls:
-        tls.sendall(payload)
-        chunks = []
-        while True:
-            try:
-                chunk = tls.recv(65536)
-            except ssl.SSLEOFError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def compile_(port: int, data: bytes) -> tuple[int | None, bytes]:
@@ -301,9 +282,7 @@ def test_concurrent_identical_requests_build_once(make: Callable[..., Running],
                for _ in range(5)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 10
-    while not s.builds and time.monotonic() < deadline:
-        time.sleep(0.01)
+    poll("the first build reached the server", lambda: s.builds, 10, step=0.01)
     gate.set()
     for t in threads:
         t.join(20)
@@ -329,9 +308,7 @@ def test_least_busy_replica_and_per_server_slots(make: Callable[..., Running],
                for i in range(4)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 10
-    while len(a.builds) + len(b.builds) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    poll("two builds started", lambda: len(a.builds) + len(b.builds) >= 2, 10, step=0.01)
     assert len(a.builds) == 1 and len(b.builds) == 1  # one each; the rest queue
     assert r.endpoint.metrics.queue._value.get() == 2
     gate.set()
@@ -355,13 +332,19 @@ def test_provisioning_starts_one_server_for_concurrent_requests(
         make: Callable[..., Running], identity: tuple[str, str]) -> None:
     s = FakeServer(identity)
     d = FakeDirectory([])
-    p = FakeProvisioner(d, lambda t: upstream("auto", s.port, release=t.release, arch=t.arch))
+    gate = threading.Event()
+    p = FakeProvisioner(d, lambda t: upstream("auto", s.port, release=t.release, arch=t.arch),
+                        gate=gate)
     r = make(d, p)
     results: list[int | None] = []
     threads = [threading.Thread(target=lambda i=i: results.append(
         compile_(r.port, request_zip(f"p{i}"))[0])) for i in range(3)]
     for t in threads:
         t.start()
+    # The server "starts" only once all three clients are connected and one provisions.
+    poll("three clients waiting on one provisioning",
+         lambda: p.calls and r.endpoint._open == 3, 10, step=0.01)
+    gate.set()
     for t in threads:
         t.join(30)
     assert results == [0, 0, 0]
@@ -441,13 +424,11 @@ def test_connections_over_the_cap_are_refused(make: Callable[..., Running]) -> N
     held = []
     for _ in range(2):
         raw = socket.create_connection(("127.0.0.1", r.port))
-        held.append(client_ctx().wrap_socket(raw))
-    deadline = time.monotonic() + 5
-    while r.endpoint._open < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+        held.append(client_context().wrap_socket(raw))
+    poll("two connections held", lambda: r.endpoint._open >= 2, 5, step=0.01)
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)), \
             socket.create_connection(("127.0.0.1", r.port), timeout=5) as raw, \
-            client_ctx().wrap_socket(raw) as tls:
+            client_context().wrap_socket(raw) as tls:
         tls.sendall(b"\0\0\0\x01")
         if tls.recv(1) == b"":
             raise ConnectionError("closed")
