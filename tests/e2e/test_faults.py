@@ -17,7 +17,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ from farm import kernels, tlsprobe
 from farm.arch import X86_64
 from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
-    authorize_cert,
     default_host_names,
     network_gateway,
     start_client,
@@ -70,9 +69,7 @@ def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, 
         rc, out, err = f.run("kernels", "add", "-a", "x86_64", "-r", rel)
         assert rc == 0, out + err
         say(f"kernels add {rel} (headers only, own volume): {time.monotonic() - t0:.1f} s")
-        rc, out, err = f.run("start", "-a", "x86_64", "-r", rel, "-n", NICK)
-        assert rc == 0, out + err
-        authorize_cert(client, f.cert())
+        f.start_trusted(NICK)
         yield f
     finally:
         f.run("stop")
@@ -105,19 +102,6 @@ def _hello_ok(farm: Farm, tag: str) -> float:
     return took
 
 
-def _back_after_kill(farm: Farm, before: dict[str, Any]) -> Callable[[], Any]:
-    def back() -> dict[str, Any] | None:
-        s = farm.server(NICK)
-        if s["state"] != "running" or s["pid"] in (0, before["pid"]):
-            return None
-        try:
-            tlsprobe.probe("127.0.0.1", s["port"], timeout=2)
-        except Exception:  # noqa: BLE001 - not up yet
-            return None
-        return s
-    return back
-
-
 # --------------------------------------------------------------------------- (c) advertiser
 
 
@@ -132,7 +116,8 @@ def test_advertiser_follows_a_kill_9_of_the_daemon(farm: Farm, gateway: str) -> 
         assert before["txt"]["certinfo"] == certinfo
         killed = time.monotonic()
         os.kill(server["pid"], signal.SIGKILL)  # the daemon's host PID
-        after = _poll("server back after kill -9", _back_after_kill(farm, server), 120, 0.5)
+        after = _poll("server back after kill -9",
+                      lambda: farm.answering_again(NICK, server["pid"]), 120, 0.5)
         tls_back = time.monotonic() - killed
         assert after["port"] == port and after["container"] == server["container"]
         # a browser that starts now (empty cache) must find it: published, not remembered

@@ -36,7 +36,7 @@ from OpenSSL import SSL
 from farm import labels, tlsprobe
 from farm.arch import ARM64, X86_64
 from tests.conftest import KernelTrees, elf_machine
-from tests.support.client import authorize_cert, default_host_names, start_client
+from tests.support.client import default_host_names, start_client
 from tests.support.farm import Farm, make_farm
 from tests.support.poll import poll as _poll
 
@@ -78,9 +78,7 @@ def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, 
     gfile = Path(f.env["STAPFARM_CONFIG_FILE"])
     gfile.write_text(gfile.read_text() + f"TMPFS_SIZE={TMPFS_SIZE}\nCPUS={CPUS}\n")
     try:
-        rc, out, err = f.run("start", "-a", "x86_64", "-r", f.releases["x86_64"], "-n", NICK)
-        assert rc == 0, out + err
-        authorize_cert(client, f.cert())
+        f.start_trusted(NICK)
         yield f
     finally:
         f.run("stop")
@@ -568,17 +566,8 @@ def test_kill_9_of_the_daemon_comes_back_on_the_same_port_and_certificate(
     killed = time.monotonic()
     os.kill(before["pid"], signal.SIGKILL)  # the daemon's host PID (status reports host PIDs)
 
-    def back() -> dict[str, Any] | None:
-        s = farm.server(NICK)
-        if s["state"] != "running" or s["pid"] in (0, before["pid"]):
-            return None
-        try:
-            tlsprobe.probe("127.0.0.1", s["port"], timeout=2)
-        except Exception:  # noqa: BLE001 - not up yet
-            return None
-        return s
-
-    after = _poll("server back after kill -9", back, 120, step=0.5)
+    after = _poll("server back after kill -9",
+                  lambda: farm.answering_again(NICK, before["pid"]), 120, step=0.5)
     say(f"kill -9: answering TLS again {time.monotonic() - killed:.1f} s later, "
         f"pid {before['pid']} -> {after['pid']}")
     assert after["port"] == before["port"] and after["container"] == before["container"]

@@ -38,7 +38,6 @@ from farm.advertiser_image import container_name
 from farm.arch import X86_64
 from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
-    authorize_cert,
     default_host_names,
     network_gateway,
     start_client,
@@ -46,6 +45,7 @@ from tests.support.client import (
 from tests.support.farm import Farm, make_farm
 from tests.support.mdns_browser import Browser
 from tests.support.poll import poll as _poll
+from tests.support.poll import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -125,14 +125,11 @@ def restore_engine() -> None:
     if _docker_info_ok():
         return
     deadline = time.monotonic() + ENGINE_TIMEOUT
-    while _dockerd_pids() and time.monotonic() < deadline:  # still shutting down
-        time.sleep(0.5)
+    wait_until(lambda: not _dockerd_pids(), ENGINE_TIMEOUT, 0.5)  # still shutting down
     if not _dockerd_pids():
         start_dockerd()
-    while not _docker_info_ok():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the Docker engine did not come back; see {DOCKERD_LOG}")
-        time.sleep(0.5)
+    if not wait_until(_docker_info_ok, max(0.0, deadline - time.monotonic()), 0.5):
+        raise RuntimeError(f"the Docker engine did not come back; see {DOCKERD_LOG}")
 
 
 def restart_engine() -> dict[str, float]:
@@ -167,9 +164,7 @@ def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, 
                   default_host_names()[0], {"x86_64": kernel_trees.release(X86_64)},
                   extra=f"MDNS_INTERFACES={gateway}\n")
     try:
-        rc, out, err = f.run("start", "-a", "x86_64", "-r", f.releases["x86_64"], "-n", NICK)
-        assert rc == 0, out + err
-        authorize_cert(client, f.cert())
+        f.start_trusted(NICK)
         yield f
     finally:
         f.run("stop")
@@ -211,12 +206,9 @@ def test_engine_restart_brings_the_farm_back(farm: Farm, docker_client: Any, gat
 
     LOCK.touch()
     try:
-        deadline = time.monotonic() + OTHERS_TIMEOUT
-        while others := other_pytests():
-            if time.monotonic() > deadline:
-                pytest.fail("other pytest sessions kept running; not restarting the shared "
-                            "engine under them:\n  " + "\n  ".join(others))
-            time.sleep(2)
+        if not wait_until(lambda: not other_pytests(), OTHERS_TIMEOUT, 2):
+            pytest.fail("other pytest sessions kept running; not restarting the shared "
+                        "engine under them:\n  " + "\n  ".join(other_pytests()))
         try:
             took = restart_engine()
         finally:
@@ -232,15 +224,9 @@ def test_engine_restart_brings_the_farm_back(farm: Farm, docker_client: Any, gat
         f"{first.strip().splitlines()[0] if first.strip() else ''}")
 
     def back() -> dict[str, Any] | None:
-        rc, _, _ = farm.run("status", "-n", NICK)
-        s = farm.server(NICK)
-        if rc != 0 or s["state"] != "running" or s["pid"] in (0, before["pid"]):
+        if farm.run("status", "-n", NICK)[0] != 0:
             return None
-        try:
-            tlsprobe.probe("127.0.0.1", s["port"], timeout=2)
-        except Exception:  # noqa: BLE001 - not answering yet
-            return None
-        return s
+        return farm.answering_again(NICK, before["pid"])
 
     after = _poll("server back after the engine restart", back, 120, 0.5)
     tls_back = time.monotonic() - took["t_up"]

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from farm import tlsprobe
 from farm.cli import main
-from tests.support.client import client_stap
+from tests.support.client import authorize_cert, client_stap
 
 CERT = "state/home/stap-server/.systemtap/ssl/server/stap.cert"
 
@@ -48,6 +49,26 @@ class Farm:
 
     def cert(self) -> bytes:
         return (self.root / CERT).read_bytes()
+
+    def start_trusted(self, nickname: str, arch: str = "x86_64") -> None:
+        """`start -a ARCH -r <the farm's release> -n NICKNAME` (asserted OK), then the client
+        trusts the farm's certificate."""
+        rel = self.releases["arm64" if arch in ("aarch64", "arm64") else arch]
+        rc, out, err = self.run("start", "-a", arch, "-r", rel, "-n", nickname)
+        assert rc == 0, out + err
+        authorize_cert(self.client, self.cert())
+
+    def answering_again(self, nickname: str, old_pid: int) -> dict[str, Any] | None:
+        """NICKNAME's status entry once it runs with a daemon other than OLD_PID and
+        completes a TLS handshake; None until then (for a deadline poll)."""
+        s = self.server(nickname)
+        if s["state"] != "running" or s["pid"] in (0, old_pid):
+            return None
+        try:
+            tlsprobe.probe("127.0.0.1", s["port"], timeout=2)
+        except Exception:  # noqa: BLE001 - not answering yet
+            return None
+        return s
 
 
 def private_environ(root: Path, farm_environ: dict[str, str], extra: str = "") -> dict[str, str]:
