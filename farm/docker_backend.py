@@ -15,6 +15,7 @@ from farm import images, labels, tlsprobe
 from farm.arch import Arch
 from farm.backend import RunningServer
 from farm.container_spec import DAEMON, HOME, Placement, config_from_json, container_spec
+from farm.dockerclient import still_running
 from farm.errors import FarmError, KernelTreeError, ServerError
 from farm.kernels import MANIFESTS, TreeStore, volume_name
 from farm.kernels import MOUNT as KERNELS_MOUNT
@@ -117,8 +118,8 @@ class DockerBackend:
         if endpoint:
             lines.append(endpoint)
         dbs = set()
-        for server in self.list_servers():
-            cfg = server.config
+        for c in self._containers():  # the configurations are enough: no PID or tree checks
+            cfg = config_from_json(c.labels[labels.CONFIG])
             dbs.add(cfg.ssl or os.path.join(self.gcfg.state_dir, "home", cfg.user, CERT_DIR))
         for db in sorted(dbs):
             cert = os.path.join(db, "stap.cert")
@@ -312,18 +313,10 @@ class DockerBackend:
         address = self.gcfg.listen_address
         if address in ("0.0.0.0", "::", ""):
             address = "127.0.0.1"
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            container.reload()
-            if container.status in ("exited", "dead"):
-                break
-            try:
-                tlsprobe.probe(address, port, timeout=3.0)
-                return
-            except ServerError as e:
-                last = str(e)
-            time.sleep(0.25)
+        last = tlsprobe.wait_answering(address, port, timeout,
+                                       lambda: still_running(container))
+        if not last:
+            return
         logs = container.logs(tail=15).decode("utf-8", "replace").strip()
         tail = _tail(log_file, 15)
         raise ServerError(

@@ -1,4 +1,4 @@
-"""Connecting to the Docker engine, with its failures translated once."""
+"""Connecting to the Docker engine, with its failures translated once; small shared helpers."""
 
 from __future__ import annotations
 
@@ -31,3 +31,9 @@ def connect(environ: Mapping[str, str] | None = None) -> Any:
             f"cannot reach the Docker engine ({text.splitlines()[0] if text else e!r})",
             hint="start it (make up sets it up) or set DOCKER_HOST") from e
     return client
+
+
+def still_running(container: Any) -> bool:
+    """Whether CONTAINER (refreshed from the engine) has not exited."""
+    container.reload()
+    return container.status not in ("exited", "dead")

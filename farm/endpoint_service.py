@@ -301,13 +301,12 @@ def ensure_endpoint(client: Any, gcfg: GlobalConfig, environ: Mapping[str, str],
     Raises:
         ServerError: no certificate database yet, Docker refused, or it did not come up.
     """
-    import time
-
     import docker.errors
 
     from farm import tlsprobe
     from farm.advertiser import probe_address
     from farm.advertiser_image import ensure_image, image_tag
+    from farm.dockerclient import still_running
 
     prefix = environ.get("STAPFARM_PREFIX", "stapfarm")
     db = cert_db(gcfg, server_user(gcfg))
@@ -328,18 +327,10 @@ def ensure_endpoint(client: Any, gcfg: GlobalConfig, environ: Mapping[str, str],
         container = client.containers.run(detach=True, **spec)
     except docker.errors.APIError as e:
         raise ServerError(f"docker refused to start the endpoint: {e.explanation or e}") from e
-    deadline = time.monotonic() + 60
-    last = ""
-    while time.monotonic() < deadline:
-        container.reload()
-        if container.status in ("exited", "dead"):
-            break
-        try:
-            tlsprobe.probe(probe_address(gcfg.listen_address), gcfg.endpoint_port, timeout=3)
-            return container
-        except ServerError as e:
-            last = str(e)
-        time.sleep(0.25)
+    last = tlsprobe.wait_answering(probe_address(gcfg.listen_address), gcfg.endpoint_port,
+                                   60, lambda: still_running(container))
+    if not last:
+        return container
     logs = container.logs(tail=15).decode("utf-8", "replace").strip()
     container.remove(force=True)
     raise ServerError(f"the endpoint did not answer TLS on port {gcfg.endpoint_port} ({last})"

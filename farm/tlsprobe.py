@@ -5,6 +5,7 @@ from __future__ import annotations
 import select
 import socket
 import time
+from collections.abc import Callable
 
 from OpenSSL import SSL, crypto
 
@@ -51,6 +52,22 @@ def probe(host: str, port: int, timeout: float = 5.0) -> crypto.X509:
         except SSL.Error:
             pass
         sock.close()
+
+
+def wait_answering(host: str, port: int, timeout: float,
+                   alive: Callable[[], bool] = lambda: True) -> str:
+    """Wait until HOST:PORT completes a TLS handshake: "" then, else why not (the last probe
+    error) once TIMEOUT passed or ALIVE() says the process behind the port is gone."""
+    deadline = time.monotonic() + timeout
+    last = "not tried"
+    while time.monotonic() < deadline and alive():
+        try:
+            probe(host, port, timeout=3.0)
+            return ""
+        except ServerError as e:
+            last = str(e)
+        time.sleep(0.25)
+    return last
 
 
 def _drive(conn: SSL.Connection, sock: socket.socket, deadline: float, step: object) -> None:
