@@ -261,6 +261,14 @@ def test_network(docker_client: Any, test_prefix: str, test_label: str) -> Any:
         labels={labels.TEST: test_label, labels.OWNER: test_prefix})
 
 
+@pytest.fixture(scope="session")
+def gateway(docker_client: Any, test_network: Any) -> str:
+    """TEST_NETWORK's gateway: the host as containers on it see it, and the only address
+    mDNS in tests is published on."""
+    from tests.support.client import network_gateway
+
+    return network_gateway(docker_client, test_network)
+
 # --------------------------------------------------------------------------- run_stap
 
 

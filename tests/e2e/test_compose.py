@@ -31,7 +31,6 @@ from tests.support.client import (
     authorize_cert,
     client_stap,
     default_host_names,
-    network_gateway,
     start_client,
 )
 from tests.support.farm import Farm, make_farm
@@ -135,11 +134,6 @@ def trees(kernel_trees: KernelTrees) -> KernelTrees:
     for target in (X86_64, ARM64):
         kernel_trees.tree(X86_64, target)  # the x86_64 image's volume: native + cross
     return kernel_trees
-
-
-@pytest.fixture(scope="module")
-def gateway(docker_client: Any, test_network: Any) -> str:
-    return network_gateway(docker_client, test_network)
 
 
 @pytest.fixture(scope="module")

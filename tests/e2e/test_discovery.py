@@ -35,6 +35,7 @@ from tests.support.client import (
 )
 from tests.support.farm import private_environ
 from tests.support.poll import wait_until
+from tests.support.resources import retire_advertiser
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -55,17 +56,6 @@ class Farm:
         with redirect_stderr(err):
             rc = main(list(argv), environ=self.env, stdout=out, stderr=err)
         return rc, out.getvalue(), err.getvalue()
-
-
-def _retire(docker_client: Any, prefix: str) -> None:
-    import docker.errors
-
-    try:
-        c = docker_client.containers.get(container_name(prefix))
-    except docker.errors.NotFound:
-        return
-    c.stop(timeout=5)  # goodbyes
-    c.remove(force=True)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +82,7 @@ def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, 
         yield f
     finally:
         f.run("stop")
-        _retire(docker_client, test_prefix)
+        retire_advertiser(docker_client, test_prefix)
 
 
 def _unescape(field: str) -> str:

@@ -28,12 +28,12 @@ from farm.arch import X86_64
 from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
     default_host_names,
-    network_gateway,
     start_client,
 )
 from tests.support.farm import Farm, make_farm
 from tests.support.mdns_browser import Browser
 from tests.support.poll import poll as _poll
+from tests.support.resources import retire_advertiser
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -48,11 +48,6 @@ def say(text: str) -> None:
 def _script(tag: str) -> str:
     """A hello script no earlier request compiled (stap's cache cannot answer it)."""
     return f'probe begin {{ println("{tag} {uuid.uuid4().hex}"); exit() }}'
-
-
-@pytest.fixture(scope="module")
-def gateway(docker_client: Any, test_network: Any) -> str:
-    return network_gateway(docker_client, test_network)
 
 
 @pytest.fixture(scope="module")
@@ -73,20 +68,7 @@ def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, 
         yield f
     finally:
         f.run("stop")
-        _retire_advertiser(docker_client, env["STAPFARM_PREFIX"])
-
-
-def _retire_advertiser(docker_client: Any, prefix: str) -> None:
-    import docker.errors
-
-    from farm.advertiser_image import container_name
-
-    try:
-        c = docker_client.containers.get(container_name(prefix))
-    except docker.errors.NotFound:
-        return
-    c.stop(timeout=5)  # goodbyes
-    c.remove(force=True)
+        retire_advertiser(docker_client, env["STAPFARM_PREFIX"])
 
 
 def _hello(farm: Farm, tag: str) -> tuple[int, str, dict[str, bytes], float]:

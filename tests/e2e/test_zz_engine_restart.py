@@ -39,13 +39,13 @@ from farm.arch import X86_64
 from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
     default_host_names,
-    network_gateway,
     start_client,
 )
 from tests.support.farm import Farm, make_farm
 from tests.support.mdns_browser import Browser
 from tests.support.poll import poll as _poll
 from tests.support.poll import wait_until
+from tests.support.resources import retire_advertiser
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -150,11 +150,6 @@ def restart_engine() -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def gateway(docker_client: Any, test_network: Any) -> str:
-    return network_gateway(docker_client, test_network)
-
-
-@pytest.fixture(scope="module")
 def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, str],
          session_dir: Path, test_network: Any, test_label: str, test_prefix: str,
          gateway: str) -> Iterator[Farm]:
@@ -168,14 +163,7 @@ def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, 
         yield f
     finally:
         f.run("stop")
-        import docker.errors
-
-        try:
-            adv = docker_client.containers.get(container_name(test_prefix))
-            adv.stop(timeout=5)
-            adv.remove(force=True)
-        except docker.errors.NotFound:
-            pass
+        retire_advertiser(docker_client, test_prefix)
 
 
 def _hello(farm: Farm) -> float:

@@ -25,10 +25,10 @@ from farm.cli import main
 from farm.dockerclient import connect
 from farm.mdns import SERVICE_TYPE
 from tests.conftest import KernelTrees
-from tests.support.client import network_gateway
 from tests.support.farm import private_environ
 from tests.support.mdns_browser import Browser
 from tests.support.poll import poll as wait_for
+from tests.support.resources import retire_advertiser
 
 pytestmark = [pytest.mark.docker]
 
@@ -52,29 +52,11 @@ class Farm:
 def farm(kernel_trees: KernelTrees, farm_environ: dict[str, str], session_dir: Path,
          docker_client: Any, test_prefix: str) -> Any:
     kernel_trees.tree(ARM64, ARM64)  # headers only: the emulated server needs no debuginfo
-    _retire_advertiser_container(docker_client, test_prefix)  # left by another test module
+    retire_advertiser(docker_client, test_prefix)  # left by another test module
     root = session_dir / "advertiser"
     f = Farm(private_environ(root, farm_environ, "MDNS_INTERFACES=none\n"), root)
     yield f
     f.run("stop")
-
-
-def _retire_advertiser_container(docker_client: Any, prefix: str) -> None:
-    import docker.errors
-
-    from farm.advertiser_image import container_name
-
-    try:
-        c = docker_client.containers.get(container_name(prefix))
-    except docker.errors.NotFound:
-        return
-    c.stop(timeout=5)  # its goodbyes go out
-    c.remove(force=True)
-
-
-@pytest.fixture
-def gateway(docker_client: Any, test_network: Any) -> str:
-    return network_gateway(docker_client, test_network)
 
 
 @pytest.fixture

@@ -41,3 +41,17 @@ def cleanup_label(client: Any, label: str) -> list[str]:
         except docker.errors.APIError as e:
             problems.append(f"volume {v.name}: {e}")
     return problems
+
+
+def retire_advertiser(client: Any, prefix: str) -> None:
+    """Stop (its mDNS goodbyes go out) and remove PREFIX's advertiser container, if any."""
+    import docker.errors
+
+    from farm.advertiser_image import container_name
+
+    try:
+        c = client.containers.get(container_name(prefix))
+    except docker.errors.NotFound:
+        return
+    c.stop(timeout=5)
+    c.remove(force=True)
