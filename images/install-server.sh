@@ -31,10 +31,7 @@ ln -s /srv/stapfarm/kernels/usr/src /usr/src
 ln -s /srv/stapfarm/kernels/usr/lib/modules /usr/lib/modules
 ln -s /srv/stapfarm/kernels/usr/lib/debug /usr/lib/debug
 ln -s /srv/stapfarm/kernels/boot /boot
-# Upstream's per-request limits (stap-server(8), SECURITY), copied into each server home.
-install -d -m 0755 /etc/stapfarm
-echo "--rlimit-as=4294967296 --rlimit-cpu=60 --rlimit-nproc=$((30 * $(nproc))) --rlimit-stack=1024000 --rlimit-fsize=51200000" \
-  > /etc/stapfarm/rc
-install -d -o stap-server -g stap-server -m 0755 /home/stap-server/.systemtap
-install -o stap-server -g stap-server -m 0644 /etc/stapfarm/rc /home/stap-server/.systemtap/rc
+install -d -o stap-server -g stap-server -m 0700 /home/stap-server/.systemtap
+# ~/.systemtap/rc (upstream's per-request rlimits) is written by server-entry.sh at start:
+# its process limit depends on the CPUs of the machine the server runs on.
 stap -V 2>&1 | head -n 1

@@ -75,6 +75,24 @@ def test_real_client_gets_hello(farm: Farm, nickname: str, arch: Arch) -> None:
 
 
 @pytest.mark.parametrize("nickname", ["native", "cross"])
+def test_kbuild_runs_in_parallel_on_the_server(farm: Farm, docker_client: Any,
+                                              nickname: str) -> None:
+    """stap runs kbuild with `make -jCPUS+1` only when its RLIMIT_NPROC (the server home's
+    ~/.systemtap/rc) is more than 30 x CPUs; upstream's RPM value (exactly 30 x CPUs) makes
+    every compile serial, about twice as slow. The make command comes back in the server's
+    stderr with -vv (a script no cache knows, so pass 4 runs)."""
+    server = farm.server(nickname)
+    c = docker_client.containers.get(server["container"])
+    cpus = int(c.exec_run(["getconf", "_NPROCESSORS_ONLN"])[1].decode().strip())
+    script = f'probe begin {{ println("parallel {os.urandom(6).hex()}"); exit() }}'
+    rc, out, modules = farm.stap(server, ["-vv", "-m", "par", "-e", script])
+    assert rc == 0 and "par.ko" in modules, out
+    makes = [line.split() for line in out.splitlines() if " make -C " in f" {line}"]
+    assert makes, out
+    assert all(f"-j{cpus + 1}" in words for words in makes), makes
+
+
+@pytest.mark.parametrize("nickname", ["native", "cross"])
 def test_script_file_with_tapset_dir_and_arguments(farm: Farm, nickname: str) -> None:
     files = {"tapsets/greet.stp": 'function greet(who) { return "greetings, " . who }\n',
              "main.stp": "probe begin { println(greet(@1)); exit() }\n"}
