@@ -71,6 +71,7 @@ def run(args: argparse.Namespace, docker_client: Any, res: dict[str, Any]) -> No
                           ("--quick: overhead and endpoint miss measured once, not 3 times "
                           "(n=1, no median)"), "--quick: 5 endpoint hits, not 10",
                           "--quick: the cross tapset script",
+                          "--quick: cross/native from one cold pair (no interleaved medians)",
                           "--quick: waits at most 30 s for a quiet machine"]
     env = benv.create(docker_client)
     res["run_id"] = env.run_id
@@ -119,6 +120,8 @@ def run(args: argparse.Namespace, docker_client: Any, res: dict[str, Any]) -> No
             ("native", "begin"): {"cold": first, "warm": res["overhead"]["first_warm"],
                                   "note": "the overhead's first farm run"}},
             skip={("cross", "tapset"): "quick"} if quick else None)
+        if not quick:
+            res["cross_native"] = measure.cross_native(env, servers, reps)
         res["server_threads"] = measure.server_threads(env, servers["native"])
         given: dict[str, Any] = {}
         if quick:

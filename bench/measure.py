@@ -186,14 +186,34 @@ def latency(env: BenchEnv, servers: dict[str, dict[str, Any]], strategies: list[
     return result
 
 
+def cross_native(env: BenchEnv, servers: dict[str, dict[str, Any]], reps: int
+                 ) -> dict[str, list[dict[str, Any]]]:
+    """Cold `probe begin` on the native x86_64 and the cross aarch64 server, interleaved
+    (the order alternates), REPS times, with a string of its own per repetition so no
+    cache knows it: the medians give cross/native."""
+    out: dict[str, list[dict[str, Any]]] = {"native": [], "cross": []}
+    for i in range(reps):
+        args = ["-m", "hello", "-e", hello(f"pair {env.run_id} {i}")]
+        order = ["native", "cross"] if i % 2 == 0 else ["cross", "native"]
+        for strategy in order:
+            clear_caches(env)
+            r = runs.client_run(env.client, farm_args(env, servers[strategy]) + args)
+            out[strategy].append(r.brief())
+        say(f"cross/native {i + 1}/{reps}: native {out['native'][-1]['seconds']:.2f} s, "
+            f"cross {out['cross'][-1]['seconds']:.2f} s")
+    return out
+
+
 # --------------------------------------------------------------------------- overhead
 
 
 def start_upstream(env: BenchEnv, server: dict[str, Any], n: int) -> dict[str, Any]:
-    """Upstream stap-serverd by hand: `docker run` of the farm server's image with the same
+    """Upstream stap-serverd by hand: `docker run` of the farm server's image running
+    /usr/lib/systemtap/stap-serverd itself (not the farm's entry script) with the same
     arguments (its own port), the kernel volume and a home holding a copy of the farm's
-    certificate database (so the client's trust applies) and an empty cache — no read-only
-    root, no dropped capabilities, no limits, no tmpfs, no health check, no farm."""
+    certificate database (so the client's trust applies), an empty cache and no
+    ~/.systemtap/rc (Debian's systemtap-server writes none: no per-request rlimits) — no
+    read-only root, no dropped capabilities, no limits, no tmpfs, no health check, no farm."""
     c = env.docker.containers.get(server["container"])
     cfg = c.attrs["Config"]
     with socket.socket() as s:
@@ -218,7 +238,8 @@ def start_upstream(env: BenchEnv, server: dict[str, Any], n: int) -> dict[str, A
     kernels_vol = next(m["Name"] for m in c.attrs["Mounts"] if m["Type"] == "volume")
     t0 = time.monotonic()
     up = env.docker.containers.run(
-        cfg["Image"], command=cmd, detach=True, user=cfg["User"], hostname=cfg["Hostname"],
+        cfg["Image"], entrypoint=["/usr/bin/tini", "--", "/usr/lib/systemtap/stap-serverd"],
+        command=cmd, detach=True, user=cfg["User"], hostname=cfg["Hostname"],
         environment=keep, ports={f"{port}/tcp": port},
         volumes={kernels_vol: {"bind": "/srv/stapfarm/kernels", "mode": "ro"},
                  str(home): {"bind": "/home/stap-server", "mode": "rw"},

@@ -8,7 +8,8 @@ from typing import Any
 
 # name -> (comparison, target, what it is)
 TARGETS: dict[str, tuple[str, float | None, str]] = {
-    "cross/native": ("<=", 1.25, "cold `probe begin`, aarch64 cross vs x86_64 native"),
+    "cross/native": ("<=", 1.25, ("cold `probe begin`, aarch64 cross vs x86_64 native "
+                     "(medians of interleaved pairs; --quick: the latency table's pair)")),
     "emulated/native": ("", None, "cold `probe begin`, aarch64 emulated vs x86_64 native"),
     "farm/bare": ("<=", 1.05, "cold `probe begin`, farm server vs `stap -p4` in the image"),
     "farm/upstream": ("<=", 1.02, "cold `probe begin`, farm vs hand-started stap-serverd"),
@@ -53,8 +54,10 @@ def ratios(res: dict[str, Any]) -> list[dict[str, Any]]:
     tp4 = tp.get("4", {}).get("compiles_per_minute")
     life = res.get("lifecycle", {})
     idle = [m["docker_stats_mib"] for m in res.get("memory", {}).get("idle", {}).values()]
+    pairs = res.get("cross_native", {})
     values: dict[str, float | None] = {
-        "cross/native": _div(_cold(res, "cross"), native),
+        "cross/native": (_div(_median_ok(pairs["cross"]), _median_ok(pairs["native"]))
+                         if pairs else _div(_cold(res, "cross"), native)),
         "emulated/native": _div(_cold(res, "emulated"), native),
         "farm/bare": _div(_median_ok(ov.get("farm", [])), _median_ok(ov.get("bare", []))),
         "farm/upstream": _div(_median_ok(ov.get("farm", [])),
@@ -129,6 +132,13 @@ def markdown(res: dict[str, Any]) -> str:
                      for k in ("cold", "warm")]
             lines.append(f"| {strategy} | {script} | {cells[0]} | {cells[1]} |")
     native = _cold(res, "native")
+    pairs = res.get("cross_native", {})
+    if pairs:
+        lines += ["", "Cold `probe begin` pairs, interleaved (s): native "
+                  + ", ".join(_f(r["seconds"]) if r["rc"] == 0 else "failed"
+                              for r in pairs["native"])
+                  + "; cross " + ", ".join(_f(r["seconds"]) if r["rc"] == 0 else "failed"
+                                           for r in pairs["cross"])]
     for script in ("tracepoint", "tapset"):
         c, n = _cold(res, "cross", script), _cold(res, "native", script)
         if c and n:
