@@ -70,6 +70,7 @@ def run(args: argparse.Namespace, docker_client: Any, res: dict[str, Any]) -> No
                           "--quick: 1 client = the overhead's farm run (n=1)",
                           ("--quick: overhead and endpoint miss measured once, not 3 times "
                           "(n=1, no median)"), "--quick: 5 endpoint hits, not 10",
+                          "--quick: one throughput round, not 3 (no median)",
                           "--quick: the cross tapset script",
                           "--quick: cross/native from one cold pair (no interleaved medians)",
                           "--quick: waits at most 30 s for a quiet machine"]
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace, docker_client: Any, res: dict[str, Any]) -> No
                            "compiles_per_minute": round(60 / first["seconds"], 3) if ok else 0,
                            "runs": [first], "note": "quick: the overhead's farm run, n=1"},
                      "2": {"clients": 2, "skipped": "quick"}}
-        res["throughput"] = measure.throughput(env, servers["native"], levels, given)
+        res["throughput"] = measure.throughput(env, servers["native"], levels, given, reps)
         time.sleep(3 if quick else 5)
         res["memory"]["idle after compiles"] = measure.memory(env)
         res["elapsed_seconds"] = round(time.monotonic() - t_start, 1)

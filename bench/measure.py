@@ -383,42 +383,56 @@ def overhead(env: BenchEnv, server: dict[str, Any], reps: int, hits: int) -> dic
 # --------------------------------------------------------------------------- throughput
 
 
-def throughput(env: BenchEnv, server: dict[str, Any], levels: list[int],
-               given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """N concurrent clients (stap processes), each with a distinct script, against one
-    server; throughput = N / (last end - first start), compiles per minute. GIVEN: entries
-    measured elsewhere or skipped (--quick), kept as they are."""
-    result: dict[str, Any] = dict(given or {})
+def _concurrent(env: BenchEnv, server: dict[str, Any], n: int, tag: str) -> dict[str, Any]:
+    """N concurrent clients (stap processes in the client container), each with a distinct
+    script; throughput = N / (last end - first start), compiles per minute."""
+    clear_caches(env)
     client_id = env.client.id
-    for n in levels:
-        clear_caches(env)
-        tag = f"{env.run_id}{n}"
-        got: list[Any] = [None] * n
+    got: list[Any] = [None] * n
 
-        def one(i: int, n: int = n, tag: str = tag, got: list[Any] = got) -> None:
-            dc = dockerclient.connect()
-            try:
-                c = dc.containers.get(client_id)
-                script = f'probe begin {{ println("bench {tag} client {i}"); exit() }}'
-                got[i] = runs.client_run(c, farm_args(env, server)
-                                         + ["-m", f"tp{n}_{i}", "-e", script])
-            finally:
-                dc.close()
+    def one(i: int) -> None:
+        dc = dockerclient.connect()
+        try:
+            c = dc.containers.get(client_id)
+            script = f'probe begin {{ println("bench {tag} client {i}"); exit() }}'
+            got[i] = runs.client_run(c, farm_args(env, server) + ["-m", f"tp{n}_{i}", "-e",
+                                                                   script])
+        finally:
+            dc.close()
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        done = [r for r in got if r is not None]
-        ok = [r for r in done if r.ok]
-        span = ((max(r.end_ns for r in ok) - min(r.start_ns for r in ok)) / 1e9) if ok else 0.0
-        per_min = len(ok) / span * 60 if span else 0.0
-        result[str(n)] = {"clients": n, "succeeded": len(ok), "span_seconds": round(span, 3),
-                          "compiles_per_minute": round(per_min, 3),
-                          "runs": [r.brief() for r in done]}
-        say(f"throughput {n} client(s): {len(ok)}/{n} ok in {span:.1f} s = "
-            f"{per_min:.2f} compiles/min")
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = [r for r in got if r is not None]
+    ok = [r for r in done if r.ok]
+    span = ((max(r.end_ns for r in ok) - min(r.start_ns for r in ok)) / 1e9) if ok else 0.0
+    per_min = len(ok) / span * 60 if span else 0.0
+    say(f"throughput {n} client(s): {len(ok)}/{n} ok in {span:.1f} s = "
+        f"{per_min:.2f} compiles/min")
+    return {"succeeded": len(ok), "span_seconds": round(span, 3),
+            "compiles_per_minute": round(per_min, 3), "runs": [r.brief() for r in done]}
+
+
+def throughput(env: BenchEnv, server: dict[str, Any], levels: list[int],
+               given: dict[str, Any] | None = None, reps: int = 1) -> dict[str, Any]:
+    """Each concurrency level in LEVELS against one server, REPS rounds (every level once per
+    round, so drift over the run touches every level alike); a level's figure is the median
+    of its rounds' compiles per minute. GIVEN: entries measured elsewhere or skipped
+    (--quick), kept as they are."""
+    result: dict[str, Any] = dict(given or {})
+    rounds: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
+    for r in range(reps):
+        for n in levels:
+            rounds[n].append(_concurrent(env, server, n, f"{env.run_id}{n}r{r}"))
+    for n, got in rounds.items():
+        best = sorted(got, key=lambda g: g["compiles_per_minute"])[(len(got) - 1) // 2]
+        result[str(n)] = {"clients": n, "succeeded": min(g["succeeded"] for g in got),
+                          "span_seconds": best["span_seconds"],
+                          "compiles_per_minute": round(statistics.median(
+                              g["compiles_per_minute"] for g in got), 3),
+                          "rounds": got}
     return dict(sorted(result.items(), key=lambda kv: int(kv[0])))
 
 

@@ -183,16 +183,18 @@ def markdown(res: dict[str, Any]) -> str:
     if tp:
         lines += ["", (f"## Throughput, one x86_64 server (worker threads: "
                   f"{res.get('server_threads', '?')}), distinct `probe begin` scripts"), "",
-                  "| clients | ok | span s | compiles/min | vs 1 client |", "|---|---|---|---|---|"]
+                  ("| clients | ok (worst round) | span s | compiles/min (median of rounds) | "
+                   "vs 1 client | rounds, compiles/min |"), "|---|---|---|---|---|---|"]
         base = tp.get("1", {}).get("compiles_per_minute")
         for n, t in tp.items():
             if t.get("skipped"):
-                lines.append(f"| {n} | skipped ({t['skipped']}) | – | – | – |")
+                lines.append(f"| {n} | skipped ({t['skipped']}) | – | – | – | – |")
                 continue
             lines.append(f"| {n} | {t['succeeded']}/{t['clients']} | {_f(t['span_seconds'])} | "
                          f"{_f(t['compiles_per_minute'])} | "
-                         f"{_f(_div(t['compiles_per_minute'], base))} |"
-                         + (f" {t['note']}" if t.get("note") else ""))
+                         f"{_f(_div(t['compiles_per_minute'], base))} | "
+                         + ", ".join(_f(r["compiles_per_minute"]) for r in t.get("rounds", []))
+                         + " |" + (f" {t['note']}" if t.get("note") else ""))
     life = res.get("lifecycle", {})
     if life:
         lines += ["", "## Lifecycle (seconds; warm images, trees and certificate)", "",
