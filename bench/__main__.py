@@ -43,6 +43,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-wait", type=float, default=None,
                    help="seconds to wait for the 1-minute load average to drop below 1.0 "
                         "before measuring (default 1800; 30 with --quick)")
+    p.add_argument("--only-throughput", action="store_true",
+                   help="only the throughput section (native server, 1, 2, 4 and 8 clients, "
+                        "3 rounds): the other rows are reported as not measured")
     p.add_argument("--drop-trees", action="store_true",
                    help="remove the cached stapfarmbench-kernels-* volumes and exit")
     return p.parse_args(argv)
@@ -56,6 +59,7 @@ def host_info(docker_client: Any) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, docker_client: Any, res: dict[str, Any]) -> None:
     quick = args.quick
+    emulated = not quick and not args.only_throughput  # the aarch64 image and arm64 tree
     strategies = ["native", "cross"] + ([] if quick else ["emulated"])
     scripts = ["begin", "tapset"] if quick else ["begin", "tracepoint", "tapset"]
     # --quick: 1 client is the overhead's first farm run (one cold compile of a distinct
@@ -77,13 +81,13 @@ def run(args: argparse.Namespace, docker_client: Any, res: dict[str, Any]) -> No
     env = benv.create(docker_client)
     res["run_id"] = env.run_id
     try:
-        benv.require_images(env, emulated=not quick)
+        benv.require_images(env, emulated=emulated)
         res["images"] = {a: {"tag": t, "id": docker_client.images.get(t).id[:19]}
                          for a, t in env.images.items()}
         say("kernel trees (the newest release per target the mirror offers)")
-        res["trees"] = benv.ensure_trees(env, emulated=not quick)
+        res["trees"] = benv.ensure_trees(env, emulated=emulated)
         res["releases"] = dict(env.releases)
-        res["tree_copy_seconds"] = round(benv.copy_trees(env, emulated=not quick), 1)
+        res["tree_copy_seconds"] = round(benv.copy_trees(env, emulated=emulated), 1)
         res["farm_prefix"] = env.farm_prefix
         say("client image and container (Debian 13, stap 5.1)")
         benv.start_client(env)
@@ -91,6 +95,16 @@ def run(args: argparse.Namespace, docker_client: Any, res: dict[str, Any]) -> No
         t_start = time.monotonic()
         say(f"measuring (load {os.getloadavg()[0]:.2f})")
 
+        if args.only_throughput:
+            res["skipped"] = ["--only-throughput: every other section"]
+            st = measure.start_server(env, "native")
+            assert env.farm is not None
+            authorize_cert(env.client, env.farm.cert())
+            res["server_threads"] = measure.server_threads(env, st["server"])
+            res["throughput"] = measure.throughput(env, st["server"], [1, 2, 4, 8], None, 3)
+            res["elapsed_seconds"] = round(time.monotonic() - t_start, 1)
+            res["load"]["at_end"] = os.getloadavg()
+            return
         servers: dict[str, dict[str, Any]] = {}
         res["server_start"] = {}
         for i, strategy in enumerate(strategies):
