@@ -17,15 +17,17 @@ chmod 0700 "$HOME/.systemtap" "$HOME/.systemtap/ssl" "$HOME/.systemtap/ssl/serve
 # servers. Each server container's own bound is its pids limit (PIDS_LIMIT).
 ncpu=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
 rc="$HOME/.systemtap/rc"
-limits="--rlimit-as=4294967296 --rlimit-cpu=60 --rlimit-nproc=$((240 * ncpu)) --rlimit-stack=1024000 --rlimit-fsize=51200000"
+# upstream's limits around the process limit, in upstream's order
+head="--rlimit-as=4294967296 --rlimit-cpu=60"
+tail="--rlimit-stack=1024000 --rlimit-fsize=51200000"
+limits="$head --rlimit-nproc=$((240 * ncpu)) $tail"
 # An rc is the user's to edit and is kept, except the one earlier farm images wrote (exactly
 # upstream's values, process limit <= 30 x CPUs, i.e. serial kbuild): that one is replaced.
-old='--rlimit-as=4294967296 --rlimit-cpu=60 --rlimit-nproc=\([0-9]*\) --rlimit-stack=1024000 --rlimit-fsize=51200000'
 write_rc=no
 if [ ! -e "$rc" ]; then
   write_rc=yes
 elif [ "$(wc -l <"$rc")" -le 1 ]; then
-  n=$(sed -n "s/^$old\$/\1/p" "$rc")
+  n=$(sed -n "s/^$head --rlimit-nproc=\([0-9]*\) $tail\$/\1/p" "$rc")
   if [ -n "$n" ] && [ "$n" -le $((30 * ncpu)) ]; then
     write_rc=yes
     echo "stapfarm: $rc: --rlimit-nproc=$n made every compile serial; now $((240 * ncpu))" >&2

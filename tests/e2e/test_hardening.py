@@ -51,7 +51,7 @@ PWNED = "hardening-pwned"  # every traversal target's name contains this
 # Operator settings of this farm (global file): a small tmpfs makes "TMPDIR full" cheap.
 TMPFS_SIZE = "256m"
 CPUS = 1.5
-# The rlimits images/install-server.sh writes to ~/.systemtap/rc.
+# The rlimits images/server-entry.sh writes to ~/.systemtap/rc.
 RLIMITS = {"Max cpu time": "60", "Max file size": "51200000", "Max stack size": "1024000",
            "Max address space": "4294967296", "Max core file size": "0"}
 # Defaults of farm.spec (DEFAULT_MAX_COMPRESSED_REQUEST / DEFAULT_MAX_REQUEST_SIZE).

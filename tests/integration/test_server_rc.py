@@ -55,7 +55,9 @@ def _start_with_home(docker_client: Any, image: str, home: Path, label: str) -> 
         c.remove(force=True)
 
 
-def _cpus(docker_client: Any, image: str) -> int:
+@pytest.fixture(scope="module")
+def cpus(docker_client: Any, image: str) -> int:
+    """The CPU count the entry script sees (getconf in the image)."""
     out = docker_client.containers.run(image, entrypoint=["getconf", "_NPROCESSORS_ONLN"],
                                        remove=True, network_mode="none")
     return int(out.decode().strip())
@@ -71,16 +73,14 @@ def image(docker_client: Any, server_images: dict[str, str]) -> str:
 
 
 def test_fresh_home_gets_limits_above_the_parallel_kbuild_threshold(
-        docker_client: Any, image: str, tmp_path: Path, test_label: str) -> None:
-    cpus = _cpus(docker_client, image)
+        docker_client: Any, image: str, cpus: int, tmp_path: Path, test_label: str) -> None:
     rc = _start_with_home(docker_client, image, tmp_path, test_label)
     assert rc == UPSTREAM.format(n=240 * cpus) + "\n"
     assert _nproc(rc) > 30 * cpus
 
 
-def test_rc_of_earlier_farm_images_is_replaced(docker_client: Any, image: str, tmp_path: Path,
-                                               test_label: str) -> None:
-    cpus = _cpus(docker_client, image)
+def test_rc_of_earlier_farm_images_is_replaced(docker_client: Any, image: str, cpus: int,
+                                               tmp_path: Path, test_label: str) -> None:
     (tmp_path / ".systemtap").mkdir(mode=0o700)
     (tmp_path / ".systemtap" / "rc").write_text(UPSTREAM.format(n=30 * cpus) + "\n")
     rc = _start_with_home(docker_client, image, tmp_path, test_label)
