@@ -6,6 +6,7 @@ sysinfo, locale, argv1..N, plus script/ and tapset/ trees with their directory e
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import shutil
@@ -127,6 +128,7 @@ def test_client_request_round_trip() -> None:
     assert request.argv == ARGV
     assert request.files == tuple(sorted(HELLO.items()))
     assert all(not name.endswith("/") for name, _ in request.files)
+    assert request.dirs == tuple(_dirs(list(HELLO)))
     assert request.privilege == "stapdev" and not request.guru
 
 
@@ -142,6 +144,7 @@ def test_request_zipped_by_info_zip_like_the_client(tmp_path: Path) -> None:
     assert any(n.endswith("/") for n in zipfile.ZipFile(io.BytesIO(data)).namelist())
     request = wire.inspect_request(data, LIMIT)
     assert request.files == tuple(sorted(HELLO.items())) and request.argv == ARGV
+    assert request.dirs == tuple(_dirs(list(HELLO)))
 
 
 def test_version_first_word_and_sysinfo_whitespace() -> None:
@@ -331,12 +334,15 @@ def test_zip_bomb_with_lying_header_is_refused_without_inflating_it(bomb: bytes)
 def test_read_budget_bounds_actual_decompression() -> None:
     """Whatever the headers say, reading stops one byte past the budget."""
     data = client_zip({**HELLO, "tapset/big": bytes(1 << 20)}, dirs=False)
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        assert len(wire._read_bounded(archive, archive.getinfo("tapset/big"), 1000)) == 1001
-        small = sum(len(c) for c in HELLO.values())
-        with pytest.raises(RequestError, match="exceeds this farm's limit"):
-            wire._read_files(archive, archive.infolist(), small + 1000)
-        assert len(wire._read_files(archive, archive.infolist(), small + (1 << 20))) == len(HELLO) + 1
+    entries = wire._entries(data, wire._REQUEST)
+    big = next(e for e in entries if e.name == "tapset/big")
+    compressed = data[big.data_start:big.data_start + big.compress_size]
+    assert len(wire._inflate(compressed, 1000)[0]) == 1001
+    assert len(wire._read_entry(memoryview(data), big, 1000, wire._REQUEST)) == 1001
+    small = sum(len(c) for c in HELLO.values())
+    with pytest.raises(RequestError, match="exceeds this farm's limit"):
+        wire._read_contents(data, entries, small + 1000)
+    assert len(wire._read_contents(data, entries, small + (1 << 20))) == len(HELLO) + 1
 
 
 @pytest.mark.parametrize("sysinfo", [
@@ -421,7 +427,13 @@ def test_cache_key_same_request_same_key() -> None:
     c = wire.inspect_request(client_zip(HELLO, dirs=False), LIMIT)
     key = wire.cache_key(a, "server-5.6-x86_64")
     assert len(key) == 64 and int(key, 16) >= 0
-    assert key == wire.cache_key(b, "server-5.6-x86_64") == wire.cache_key(c, "server-5.6-x86_64")
+    assert key == wire.cache_key(b, "server-5.6-x86_64")
+    # Without directory entries the forwarded zip differs (encode_request writes exactly the
+    # entries the request had), so the key does too; the files alone still decide it.
+    assert c.files == a.files and c.dirs == () and a.dirs
+    assert wire.cache_key(c, "server-5.6-x86_64") != key
+    assert wire.cache_key(c, "server-5.6-x86_64") == wire.cache_key(
+        dataclasses.replace(a, dirs=()), "server-5.6-x86_64")
 
 
 def test_cache_key_changes_with_any_file_or_the_identity() -> None:
