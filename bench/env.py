@@ -93,7 +93,7 @@ def create(docker_client: Any) -> BenchEnv:
     gcfg = config.load_global([], {config.CONFIG_FILE_ENV: str(gfile)})
     MIRROR_CACHE.mkdir(parents=True, exist_ok=True)
     env = BenchEnv(docker=docker_client, run_id=run_id, root=root, gcfg=gcfg,
-                   mirror=Mirror(gcfg.debian_mirror, MIRROR_CACHE),
+                   mirror=Mirror.from_config(gcfg, MIRROR_CACHE),
                    endpoint_port=ep_port, endpoint_metrics_port=ep_metrics)
     env.host = tclient.default_host_names()[0] if tclient.default_host_names() \
         else socket.gethostname()

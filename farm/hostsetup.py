@@ -7,25 +7,29 @@ import sys
 from pathlib import Path
 
 from farm.arch import Arch
+from farm.config import load_global
 from farm.debian import Mirror, iter_data_members
 from farm.errors import FarmError
+from farm.spec import GlobalConfig
 
 PLUGIN_DIR = Path("/usr/local/lib/docker/cli-plugins")
 COMPOSE_MEMBER = "./usr/libexec/docker/cli-plugins/docker-compose"
 
 
-def install_compose_plugin(mirror_url: str = "http://deb.debian.org/debian",
-                           suite: str = "trixie") -> Path:
-    """Install the compose v2 CLI plugin from SUITE's docker-compose package.
+def install_compose_plugin(gcfg: GlobalConfig, suite: str = "trixie") -> Path:
+    """Install the compose v2 CLI plugin from SUITE's docker-compose package on GCFG's mirror.
 
     Bookworm has no compose v2; trixie's package ships a static Go binary that runs on it.
+
+    Raises:
+        FarmError: no mirror, the mirror cannot be verified, or it lacks the package.
     """
     arch = Arch.host()
-    mirror = Mirror(mirror_url, Path("/var/cache/stapfarm"))
+    mirror = Mirror.from_config(gcfg, Path("/var/cache/stapfarm"))
     pkg = next((p for p in mirror.packages(suite, arch.debian) if p.name == "docker-compose"),
                None)
     if pkg is None:
-        raise FarmError(f"{suite} on {mirror_url} has no docker-compose package")
+        raise FarmError(f"{suite} on {mirror.url} has no docker-compose package")
     PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
     target = PLUGIN_DIR / "docker-compose"
     tmp = target.with_suffix(".tmp")
@@ -43,7 +47,7 @@ def install_compose_plugin(mirror_url: str = "http://deb.debian.org/debian",
 def main(argv: list[str]) -> int:
     if argv == ["compose-plugin"]:
         try:
-            path = install_compose_plugin()
+            path = install_compose_plugin(load_global([], os.environ))
         except FarmError as e:
             print(f"setup: {e}", file=sys.stderr)
             return 1

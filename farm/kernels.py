@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from debian.debian_support import Version
+
 from farm import labels
 from farm.arch import Arch
-from farm.debian import Mirror, Package, compare_versions, depends_names, iter_data_members
+from farm.debian import Mirror, Package, depends_names, iter_data_members
 from farm.errors import ImageError, KernelTreeError
 
 MOUNT = "/srv/stapfarm/kernels"
@@ -57,22 +59,13 @@ def volume_name(prefix: str, image_arch: Arch) -> str:
 
 def available(mirror: Mirror, suites: tuple[str, ...], arch: Arch) -> list[str]:
     """Releases the mirror offers for ARCH now, newest first."""
-    found: dict[str, str] = {}
+    found: dict[str, Version] = {}
     for suite in suites:
         for pkg in mirror.packages(suite, arch.debian):
             rel = _release_of_headers(pkg, arch)
-            if rel and (rel not in found or compare_versions(pkg.version, found[rel]) > 0):
-                found[rel] = pkg.version
-    return sorted(found, key=_release_sort_key(found), reverse=True)
-
-
-def _release_sort_key(versions: dict[str, str]) -> Callable[[str], Any]:
-    import functools
-
-    def cmp(a: str, b: str) -> int:
-        return compare_versions(versions[a], versions[b]) or (a > b) - (a < b)
-
-    return functools.cmp_to_key(cmp)
+            if rel and (rel not in found or Version(pkg.version) > found[rel]):
+                found[rel] = Version(pkg.version)
+    return sorted(found, key=lambda rel: (found[rel], rel), reverse=True)
 
 
 def _release_of_headers(pkg: Package, arch: Arch) -> str | None:
@@ -92,7 +85,7 @@ def _index(mirror: Mirror, suites: tuple[str, ...], debarch: str) -> dict[str, P
     for suite in suites:
         for pkg in mirror.packages(suite, debarch):
             old = index.get(pkg.name)
-            if old is None or compare_versions(pkg.version, old.version) > 0:
+            if old is None or Version(pkg.version) > Version(old.version):
                 index[pkg.name] = pkg
     return index
 

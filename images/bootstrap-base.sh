@@ -1,14 +1,21 @@
 #!/bin/bash
 # Bootstrap a minimal Debian base image from packages when no registry can provide one.
 #
-#   bootstrap-base.sh SUITE DEBARCH TAG [MIRROR]
+#   bootstrap-base.sh SUITE DEBARCH TAG MIRROR
+#
+# MIRROR is the farm's DEBIAN_MIRROR (farm/images.py passes it; there is no default).
 #
 # SUITE may be a codename debootstrap has no script for (forky): the "sid" script is used,
 # which handles every current testing/unstable suite. The result is loaded with the classic
 # builder from a FROM-scratch Dockerfile, because `docker import --platform` on engine 20.10
 # records the host architecture instead of DEBARCH (see field notes).
 set -euo pipefail
-suite=$1 debarch=$2 tag=$3 mirror=${4:-http://deb.debian.org/debian}
+if [ $# -ne 4 ] || [ -z "$4" ]; then
+  echo "bootstrap-base: usage: bootstrap-base.sh SUITE DEBARCH TAG MIRROR (no Debian mirror given:" \
+    "set DEBIAN_MIRROR=<URL> in /etc/sysconfig/stap-server)" >&2
+  exit 2
+fi
+suite=$1 debarch=$2 tag=$3 mirror=$4
 case $debarch in
   amd64) platform=linux/amd64 ;;
   arm64) platform=linux/arm64 ;;

@@ -50,7 +50,6 @@ from tests.support.resources import cleanup_label
 from tests.support.stap_run import run_in_image
 
 SUITES = ("trixie",)  # Debian 13: the kernels the issue asks the farm to build for
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 
 # --------------------------------------------------------------------------- engine
@@ -109,13 +108,19 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _farm_mirror_url() -> str:
-    """The Debian mirror the farm is configured with (the host's global file), else Debian's."""
-    try:
-        from farm.config import load_global
+    """The Debian mirror the farm resolves: DEBIAN_MIRROR of the global file, else the host's
+    apt sources (the latter alone when the global file does not load)."""
+    from farm.config import load_global
+    from farm.errors import ConfigError
+    from farm.mirror import HINT, host_debian_mirror
 
-        return load_global([], os.environ).debian_mirror or DEFAULT_MIRROR
-    except Exception:  # noqa: BLE001 - configuration is not what these tests are about
-        return os.environ.get("DEBIAN_MIRROR", DEFAULT_MIRROR)
+    try:
+        url = load_global([], os.environ).debian_mirror
+    except ConfigError:  # configuration is not what these tests are about
+        url = host_debian_mirror()
+    if not url:
+        pytest.fail(f"no Debian mirror for the tests: {HINT}", pytrace=False)
+    return url
 
 
 @pytest.fixture(scope="session")

@@ -40,16 +40,25 @@ USER = "alice"
 HOME = f"/home/{USER}"
 CLIENT_DB = f"{HOME}/.systemtap/ssl/client"
 AUTHORIZE = "/usr/lib/systemtap/stap-authorize-cert"
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 
 def _mirror() -> str:
-    try:
-        from farm.config import load_global
+    """The farm's resolved Debian mirror (global file, else the host's apt sources).
 
-        return load_global([], os.environ).debian_mirror or DEFAULT_MIRROR
-    except Exception:  # noqa: BLE001 - configuration is not what the client image is about
-        return os.environ.get("DEBIAN_MIRROR", DEFAULT_MIRROR)
+    Raises:
+        RuntimeError: neither names one.
+    """
+    from farm.config import load_global
+    from farm.errors import ConfigError
+    from farm.mirror import HINT, host_debian_mirror
+
+    try:
+        url = load_global([], os.environ).debian_mirror
+    except ConfigError:  # configuration is not what the client image is about
+        url = host_debian_mirror()
+    if not url:
+        raise RuntimeError(f"no Debian mirror for the client image: {HINT}")
+    return url
 
 
 def inputs_hash(mirror: str) -> str:

@@ -1,13 +1,18 @@
-"""The Debian mirror reader: dpkg's version order, Packages indexes, Depends, .deb streams."""
+"""The Debian mirror reader: dpkg's version order, Packages indexes, Depends, .deb streams,
+and InRelease files verified by gpgv with a throwaway key."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import lzma
+import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +29,7 @@ from farm.debian import (
     parse_packages,
 )
 from farm.errors import MirrorError
+from farm.spec import GlobalConfig
 
 
 def sign(n: int) -> int:
@@ -209,55 +215,257 @@ def test_iter_data_members_refuses_what_is_no_deb() -> None:
         list(iter_data_members(io.BytesIO(b"!<arch>\n"), _pkg(b"")))
 
 
+# --------------------------------------------------------------------------- InRelease
+#
+# A throwaway archive key signs synthetic InRelease files for real, so gpgv genuinely verifies.
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A temporary GNUPGHOME with an archive key (in `keyring`) and a stranger's key."""
+
+    home: str
+    keyring: Path
+
+    def clearsign(self, text: str, *users: str) -> bytes:
+        args = [a for u in (users or ("archive",)) for a in ("-u", f"{u}@example.invalid")]
+        return subprocess.run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase",
+                               "", *args, "--clearsign"], input=text.encode(), env=self.env,
+                              capture_output=True, check=True).stdout
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, GNUPGHOME=self.home)
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
+    if shutil.which("gpg") is None or shutil.which("gpgv") is None:
+        pytest.skip("gpg and gpgv are needed to sign and verify test InRelease files")
+    # gpg-agent's socket lives in GNUPGHOME and its path must stay short (about 100 bytes).
+    home = tempfile.mkdtemp(prefix="gpg", dir="/tmp")
+    keyring = tmp_path_factory.mktemp("keyring") / "archive.gpg"
+    s = Signer(home, keyring)
+    try:
+        for who in ("archive", "stranger"):
+            subprocess.run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase", "",
+                            "--quick-gen-key", f"stapfarm test {who} <{who}@example.invalid>",
+                            "ed25519", "sign", "never"], env=s.env, capture_output=True,
+                           check=True)
+        keyring.write_bytes(subprocess.run(["gpg", "--batch", "--export",
+                                            "archive@example.invalid"], env=s.env,
+                                           capture_output=True, check=True).stdout)
+        yield s
+    finally:
+        subprocess.run(["gpgconf", "--kill", "all"], env=s.env, capture_output=True,
+                       check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+PATH = "main/binary-amd64/Packages.xz"
+
+
+def _release_text(entries: dict[str, bytes], *, suite: str = "trixie",
+                  valid_until: str | None = None) -> str:
+    lines = ["Origin: Test", "Suite: stable", f"Codename: {suite}",
+             "Date: Sat, 21 Nov 2026 09:15:44 UTC"]
+    if valid_until is not None:
+        lines.append(f"Valid-Until: {valid_until}")
+    lines.append("SHA256:")
+    lines += [f" {hashlib.sha256(d).hexdigest()} {len(d)} {p}" for p, d in entries.items()]
+    lines.append(f" {'1' * 64} 10 main/binary-arm64/Packages.xz")
+    return "\n".join(lines) + "\nAcquire-By-Hash: yes\n"
+
+
+def _mirror_tree(root: Path, signer: Signer, index: str = "", *, inrelease: bytes | None = None,
+                 **release: str) -> bytes:
+    """A file:// mirror serving INDEX as trixie's amd64 Packages.xz; returns the .xz bytes."""
+    raw = lzma.compress(index.encode())
+    dists = root / "dists" / "trixie"
+    (dists / "main" / "binary-amd64").mkdir(parents=True, exist_ok=True)
+    (dists / PATH).write_bytes(raw)
+    if inrelease is None:
+        inrelease = signer.clearsign(_release_text({PATH: raw}, **release))
+    (dists / "InRelease").write_bytes(inrelease)
+    return raw
+
+
+def _mirror(tmp_path: Path, signer: Signer, **kw: bool) -> Mirror:
+    return Mirror(f"file://{tmp_path / 'm'}", tmp_path / "cache",
+                  keyrings=(str(signer.keyring),), **kw)
+
+
+EVIL = INDEX.replace("linux-headers-9.9.1+test1-amd64", "linux-headers-6.6.6-evil-amd64")
+
+
+def _appended(signed: bytes, evil: bytes) -> bytes:
+    return signed + f"SHA256:\n {hashlib.sha256(evil).hexdigest()} {len(evil)} {PATH}\n".encode()
+
+
+@pytest.mark.parametrize("where", ["appended", "prepended", "second message"])
+def test_unsigned_text_around_a_signed_inrelease_is_refused(tmp_path: Path, signer: Signer,
+                                                            where: str) -> None:
+    good = lzma.compress(INDEX.encode())
+    signed = signer.clearsign(_release_text({PATH: good}))
+    evil = lzma.compress(EVIL.encode())
+    evil_block = f"SHA256:\n {hashlib.sha256(evil).hexdigest()} {len(evil)} {PATH}\n".encode()
+    inrelease = {"appended": signed + evil_block, "prepended": evil_block + b"\n" + signed,
+                 "second message": signed + signer.clearsign(evil_block.decode())}[where]
+    _mirror_tree(tmp_path / "m", signer, EVIL, inrelease=inrelease)
+    with pytest.raises(MirrorError, match="text outside its one signed message"):
+        _mirror(tmp_path, signer).packages("trixie", "amd64")
+
+
+def test_only_the_text_gpgv_verified_is_parsed(tmp_path: Path, signer: Signer,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even without the armor check, an appended SHA256 block never reaches the checksums."""
+    monkeypatch.setattr(debian, "check_clearsigned", lambda data, what: None)
+    good = lzma.compress(INDEX.encode())
+    signed = signer.clearsign(_release_text({PATH: good}))
+    evil = lzma.compress(EVIL.encode())
+    text = debian.verified_text(_appended(signed, evil), [str(signer.keyring)], "InRelease")
+    assert hashlib.sha256(good).hexdigest() in text
+    assert hashlib.sha256(evil).hexdigest() not in text
+    _mirror_tree(tmp_path / "m", signer, EVIL, inrelease=_appended(signed, evil))
+    with pytest.raises(MirrorError, match="does not match its InRelease checksum"):
+        _mirror(tmp_path, signer).packages("trixie", "amd64")
+
+
+def test_a_good_inrelease_is_accepted(tmp_path: Path, signer: Signer) -> None:
+    _mirror_tree(tmp_path / "m", signer, INDEX, valid_until="Sat, 01 Jan 2500 00:00:00 UTC")
+    mirror = Mirror(f"file://{tmp_path / 'm'}/", tmp_path / "cache",
+                    keyrings=(str(signer.keyring),))
+    assert mirror.url == f"file://{tmp_path / 'm'}"
+    names = [p.name for p in mirror.packages("trixie", "amd64")]
+    assert names == ["linux-headers-9.9.1+test1-amd64", "linux-headers-9.9.1+test1-common",
+                     "sizeless"]
+    assert len(list((tmp_path / "cache").glob("Packages-*"))) == 1
+    # the parsed index is cached by digest: a new Mirror does not fetch it again
+    (tmp_path / "m" / "dists" / "trixie" / PATH).unlink()
+    again = _mirror(tmp_path, signer).packages("trixie", "amd64")
+    assert [p.name for p in again] == names and again[0].suite == "trixie"
+    assert again[0] == mirror.packages("trixie", "amd64")[0]
+
+
+def test_a_missing_keyring_is_refused(tmp_path: Path, signer: Signer) -> None:
+    _mirror_tree(tmp_path / "m", signer, INDEX)
+    missing = (str(tmp_path / "no.pgp"), str(tmp_path / "no.gpg"))
+    mirror = Mirror(f"file://{tmp_path / 'm'}", tmp_path / "cache", keyrings=missing)
+    with pytest.raises(MirrorError) as info:
+        mirror.packages("trixie", "amd64")
+    message = str(info.value)
+    assert "no keyring to verify" in message and "\n" not in message
+    assert all(k in message for k in missing) and "debian-archive-keyring" in message
+
+
+@pytest.mark.parametrize("users, ok", [(("archive",), True), (("archive", "stranger"), True),
+                                       (("stranger",), False)])
+def test_signers(tmp_path: Path, signer: Signer, users: tuple[str, ...], ok: bool) -> None:
+    """As apt: one good signature suffices; signatures by unknown keys are ignored."""
+    raw = lzma.compress(INDEX.encode())
+    _mirror_tree(tmp_path / "m", signer, INDEX,
+                 inrelease=signer.clearsign(_release_text({PATH: raw}), *users))
+    mirror = _mirror(tmp_path, signer)
+    if ok:
+        assert mirror.packages("trixie", "amd64")
+    else:
+        with pytest.raises(MirrorError, match="no signature by a key of the keyring"):
+            mirror.packages("trixie", "amd64")
+
+
+def test_a_tampered_inrelease_is_refused(tmp_path: Path, signer: Signer) -> None:
+    raw = lzma.compress(INDEX.encode())
+    signed = signer.clearsign(_release_text({PATH: raw}))
+    _mirror_tree(tmp_path / "m", signer, INDEX,
+                 inrelease=signed.replace(b"Origin: Test", b"Origin: Evil"))
+    with pytest.raises(MirrorError, match="does not verify.*a bad signature"):
+        _mirror(tmp_path, signer).packages("trixie", "amd64")
+
+
+def test_an_unsigned_inrelease_is_refused(tmp_path: Path, signer: Signer) -> None:
+    raw = lzma.compress(INDEX.encode())
+    _mirror_tree(tmp_path / "m", signer, INDEX,
+                 inrelease=_release_text({PATH: raw}).encode())
+    with pytest.raises(MirrorError, match="is not a clearsigned file"):
+        _mirror(tmp_path, signer).packages("trixie", "amd64")
+
+
+def test_an_inrelease_of_another_suite_is_refused(tmp_path: Path, signer: Signer) -> None:
+    _mirror_tree(tmp_path / "m", signer, INDEX, suite="bookworm")
+    with pytest.raises(MirrorError, match="signed for bookworm .*not trixie"):
+        _mirror(tmp_path, signer).packages("trixie", "amd64")
+
+
+def test_an_expired_inrelease_is_refused_unless_allowed(tmp_path: Path, signer: Signer) -> None:
+    _mirror_tree(tmp_path / "m", signer, INDEX, valid_until="Sat, 01 Jan 2000 00:00:00 UTC")
+    with pytest.raises(MirrorError, match="expired on Sat, 01 Jan 2000") as info:
+        _mirror(tmp_path, signer).packages("trixie", "amd64")
+    assert info.value.hint and "APT_ALLOW_EXPIRED=yes" in info.value.hint
+    assert _mirror(tmp_path, signer, allow_expired=True).packages("trixie", "amd64")
+
+
+def test_mirror_from_config_carries_apt_allow_expired(tmp_path: Path) -> None:
+    g = GlobalConfig(config_path="", stat_path="", log_file="",
+                     debian_mirror="http://mirror.invalid/debian", apt_allow_expired=True)
+    m = Mirror.from_config(g, tmp_path)
+    assert (m.url, m.allow_expired, m.cache_dir) == ("http://mirror.invalid/debian", True,
+                                                     tmp_path)
+
+
+@pytest.mark.parametrize("valid_until, ok", [
+    ("", True), ("Sat, 01 Jan 2500 00:00:00 UTC", True), ("Thu, 01 Jan 1970 00:16:40 UTC", True),
+    ("Thu, 01 Jan 1970 00:16:39 UTC", False), ("Thu, 01 Jan 1970 01:16:39 +0100", False),
+    ("Sat, 01 Jan 2000 00:00:00 UTC", True)])
+def test_check_valid_until(valid_until: str, ok: bool) -> None:
+    if ok:
+        debian.check_valid_until(valid_until, "R", 1000.0)
+    else:
+        with pytest.raises(MirrorError, match="R expired on"):
+            debian.check_valid_until(valid_until, "R", 1000.0)
+    with pytest.raises(MirrorError, match="unreadable Valid-Until"):
+        debian.check_valid_until("someday", "R", 1000.0)
+
+
+@pytest.mark.parametrize("status, problem", [
+    ("[GNUPG:] GOODSIG K A\n[GNUPG:] VALIDSIG FPR 2026-01-01", ""),
+    ("[GNUPG:] ERRSIG K2 22 8 01 0 9 FPR2\n[GNUPG:] NO_PUBKEY K2\n[GNUPG:] VALIDSIG FPR", ""),
+    ("[GNUPG:] ERRSIG K2 22 8 01 0 4 FPR2\n[GNUPG:] VALIDSIG FPR", "cannot check"),
+    ("[GNUPG:] BADSIG K A\n[GNUPG:] VALIDSIG FPR", "a bad signature"),
+    ("[GNUPG:] EXPKEYSIG K A\n[GNUPG:] VALIDSIG FPR", "expired key"),
+    ("[GNUPG:] REVKEYSIG K A\n[GNUPG:] VALIDSIG FPR", "revoked key"),
+    ("[GNUPG:] NODATA 1", "no signature by a key of the keyring"),
+    ("", "no signature by a key of the keyring"),
+    ("VALIDSIG FPR (not a status line)", "no signature by a key of the keyring"),
+])
+def test_signature_problem(status: str, problem: str) -> None:
+    got = debian.signature_problem(status)
+    assert (problem in got) if problem else got == ""
+
+
 # --------------------------------------------------------------------------- Mirror
 
 
-def _mirror_tree(root: Path, index: str, *, corrupt: bool = False) -> None:
-    raw = lzma.compress(index.encode())
-    path = "main/binary-amd64/Packages.xz"
-    digest = hashlib.sha256(raw if not corrupt else b"other").hexdigest()
-    dists = root / "dists" / "trixie"
-    (dists / "main" / "binary-amd64").mkdir(parents=True)
-    (dists / path).write_bytes(raw)
-    (dists / "InRelease").write_text(
-        "Origin: Test\nSuite: trixie\nSHA256:\n"
-        f" {digest} {len(raw)} {path}\n"
-        f" {'1' * 64} 10 main/binary-arm64/Packages.xz\n"
-        "Acquire-By-Hash: yes\n")
-
-
-def test_mirror_reads_an_index_by_its_inrelease_checksum(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(debian, "KEYRINGS", ())  # the synthetic InRelease is unsigned
-    _mirror_tree(tmp_path / "m", INDEX)
-    mirror = Mirror(f"file://{tmp_path / 'm'}/", tmp_path / "cache")
-    assert mirror.url == f"file://{tmp_path / 'm'}"
-    names = [p.name for p in mirror.packages("trixie", "amd64")]
-    assert "linux-headers-9.9.1+test1-amd64" in names
-    cached = list((tmp_path / "cache").glob("Packages-*"))
-    assert len(cached) == 1
-    # cached by digest: the index itself is not fetched again
-    (tmp_path / "m" / "dists" / "trixie" / "main" / "binary-amd64" / "Packages.xz").unlink()
-    assert [p.name for p in mirror.packages("trixie", "amd64")] == names
-
-
-def test_mirror_refuses_an_index_that_does_not_match(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(debian, "KEYRINGS", ())
-    _mirror_tree(tmp_path / "m", INDEX, corrupt=True)
-    mirror = Mirror(f"file://{tmp_path / 'm'}", tmp_path / "cache")
+def test_mirror_refuses_an_index_that_does_not_match(tmp_path: Path, signer: Signer) -> None:
+    raw = lzma.compress(INDEX.encode())
+    _mirror_tree(tmp_path / "m", signer, INDEX,
+                 inrelease=signer.clearsign(_release_text({PATH: raw + b"x"})))
     with pytest.raises(MirrorError, match="does not match its InRelease checksum"):
-        mirror.packages("trixie", "amd64")
+        _mirror(tmp_path, signer).packages("trixie", "amd64")
     assert not list((tmp_path / "cache").glob("Packages-*"))
 
 
-def test_mirror_errors_name_what_is_missing(tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(debian, "KEYRINGS", ())
-    _mirror_tree(tmp_path / "m", INDEX)
-    mirror = Mirror(f"file://{tmp_path / 'm'}", tmp_path / "cache")
+def test_mirror_errors_name_what_is_missing(tmp_path: Path, signer: Signer) -> None:
+    _mirror_tree(tmp_path / "m", signer, INDEX)
+    mirror = _mirror(tmp_path, signer)
     with pytest.raises(MirrorError, match="has no main/binary-riscv64/Packages.xz"):
         mirror.packages("trixie", "riscv64")
     with pytest.raises(MirrorError, match="cannot fetch .*/dists/nosuch/InRelease") as info:
         mirror.packages("nosuch", "amd64")
     assert info.value.hint and "DEBIAN_MIRROR" in info.value.hint
+
+
+def test_a_mirror_without_url_says_how_to_set_one(tmp_path: Path) -> None:
+    with pytest.raises(MirrorError) as info:
+        Mirror("", tmp_path).packages("trixie", "amd64")
+    assert str(info.value).count("\n") == 0
+    assert "DEBIAN_MIRROR" in str(info.value) and "/etc/sysconfig/stap-server" in str(info.value)
