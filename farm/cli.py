@@ -8,18 +8,35 @@ import fcntl
 import importlib
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TextIO
+from typing import Any, TextIO, cast
 
 from farm import statfile
 from farm.arch import Arch
 from farm.backend import Backend, RunningServer
-from farm.config import Host, ServerDraft, load_global, load_server_configs, resolve_server
+from farm.config import (
+    MAX_PID,
+    MAX_PORT,
+    MAX_REQUEST_BYTES,
+    MAX_THREADS,
+    BadServerFile,
+    Host,
+    ServerDraft,
+    ServerFiles,
+    bounded_int,
+    load_global,
+    load_server_configs,
+    resolve_bad_file,
+    resolve_server,
+    server_user_problem,
+    shown,
+)
 from farm.errors import (
     EXIT_NOT_RUNNING,
     EXIT_OK,
     ArchError,
+    ConfigError,
     FarmError,
     ImageError,
     KernelTreeError,
@@ -36,12 +53,25 @@ _UNSUPPORTED_SHORT = {
          "without a terminal, and the farm's certificate databases have no password",
     "k": "-k (keep the server's temporary files) is not supported by the farm",
 }
+# What an empty value would silently mean instead of an error: an unnamed server, the
+# current directory, an empty `make` option...
+_NON_EMPTY = {"n": "a nickname", "r": "a kernel release or build tree", "I": "a directory",
+              "R": "a directory", "B": "a 'make' option", "u": "a user name",
+              "c": "a file name"}
 # Options applied in turn to successive servers (the manual's lists), by ServerDraft field.
 _DISTRIBUTED = {"log": "log", "port": "port", "ssl": "ssl", "max-threads": "max_threads",
                 "max-request-size": "max_request_size",
                 "max-compressed-request": "max_compressed_request"}
 _VALUE_LONG = set(_DISTRIBUTED) | {"strategy"}
 _FLAG_LONG = {"json", "help"}
+_NUMERIC_LONG = {
+    "port": (0, MAX_PORT, f"a port number (0-{MAX_PORT})"),
+    "max-threads": (0, MAX_THREADS, f"a thread count (0-{MAX_THREADS})"),
+    "max-request-size": (1, MAX_REQUEST_BYTES,
+                         f"a size in bytes (1-{MAX_REQUEST_BYTES}, i.e. at most 1 GiB)"),
+    "max-compressed-request": (1, MAX_REQUEST_BYTES,
+                               f"a size in bytes (1-{MAX_REQUEST_BYTES}, i.e. at most 1 GiB)"),
+}
 
 
 @dataclass
@@ -50,7 +80,7 @@ class Options:
 
     events: list[tuple[str, str]] = field(default_factory=list)  # per-server options, in order
     lists: dict[str, list[str]] = field(default_factory=dict)  # distributed options
-    config_files: list[str] = field(default_factory=list)
+    config_file: str = ""  # the last -c (stap-server(8): the last one wins), absolute
     json: bool = False
     help: bool = False
 
@@ -59,13 +89,43 @@ class Options:
         return bool(self.events) or any(self.lists.values())
 
 
+def absolute(flag: str, value: str, cwd: str) -> str:
+    """VALUE of option FLAG as an absolute path: relative paths are from CWD (not from /, as
+    upstream's stap-start-server would have it).
+
+    Raises:
+        FarmError: VALUE is relative and the working directory no longer exists (CWD "").
+    """
+    if value.startswith("/"):
+        return value
+    if not cwd:
+        raise FarmError(f"{flag} {shown(value)}: a relative path, and the working directory "
+                        "no longer exists", hint="give an absolute path")
+    return os.path.join(cwd, value)
+
+
+def _check_text(flag: str, value: str) -> None:
+    """Refuse what cannot be recorded: values go into Docker labels (UTF-8 JSON) and into
+    line-oriented stat files, one `VARIABLE=VALUE` per line."""
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise UsageError(f"{flag}: the value contains a line break or a NUL character "
+                         "(values are recorded one per line in the stat files)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes decoded with surrogateescape
+        raise UsageError(f"{flag}: '{shown(value)}' is not valid UTF-8 text (values are "
+                         "recorded in Docker labels and stat files)") from None
+
+
 def parse_options(args: list[str], cwd: str) -> Options:
     """Check the syntax of ARGS (everything after the action).
 
     Raises:
-        UsageError: an unknown option, a missing or malformed value.
+        UsageError: an unknown option, a missing, empty or malformed value.
+        FarmError: a relative `-c`, `--log` or `--ssl` path while the working directory is gone.
     """
     o = Options(lists={k: [] for k in _DISTRIBUTED})
+    config_file: str | None = None
     i = 0
     while i < len(args):
         arg = args[i]
@@ -81,18 +141,17 @@ def parse_options(args: list[str], cwd: str) -> Options:
             if name not in _VALUE_LONG:
                 close = difflib.get_close_matches(name, sorted(_VALUE_LONG | _FLAG_LONG), n=1)
                 hint = f"did you mean --{close[0]}?" if close else None
-                raise UsageError(f"unknown option --{name}", hint=hint)
+                raise UsageError(f"unknown option --{shown(name)}", hint=hint)
             if not eq:
                 if i >= len(args):
                     raise UsageError(f"option --{name} needs a value")
                 value = args[i]
                 i += 1
             _check_long(name, value)
-            if name in _DISTRIBUTED:
-                if name in ("log", "ssl"):
-                    value = os.path.join(cwd, value)  # relative to here, not to / (upstream)
-                o.lists[name].append(os.path.normpath(value) if name in ("log", "ssl")
-                                     else value)
+            if name in ("log", "ssl"):
+                o.lists[name].append(os.path.normpath(absolute(f"--{name}", value, cwd)))
+            elif name in _DISTRIBUTED:
+                o.lists[name].append(value)
             else:
                 o.events.append((name, value))
         elif arg.startswith("-") and len(arg) > 1 and arg != "--":
@@ -103,7 +162,7 @@ def parse_options(args: list[str], cwd: str) -> Options:
                 raise UsageError(_UNSUPPORTED_SHORT[letter])
             elif letter == "i":
                 if value:
-                    raise UsageError(f"option -i takes no value (got '{arg}')")
+                    raise UsageError(f"option -i takes no value (got '{shown(arg)}')")
                 o.events.append(("i", ""))
             elif letter in _VALUE_SHORT:
                 if not value:
@@ -111,15 +170,21 @@ def parse_options(args: list[str], cwd: str) -> Options:
                         raise UsageError(f"option -{letter} needs a value")
                     value = args[i]
                     i += 1
+                if not value and letter in _NON_EMPTY:
+                    raise UsageError(f"option -{letter} needs {_NON_EMPTY[letter]}, not an "
+                                     "empty value")
                 if letter == "c":
-                    o.config_files.append(os.path.join(cwd, value))
-                elif letter == "p" and not (value.isascii() and value.isdigit()
-                                            and int(value) > 0):
-                    raise UsageError(f"-p: '{value}' is not a process id")
+                    config_file = value
+                elif letter == "p":
+                    if bounded_int(value, 1, MAX_PID) is None:
+                        raise UsageError(f"-p: '{shown(value)}' is not a process id "
+                                         f"(1-{MAX_PID})")
+                    o.events.append((letter, value))
                 elif letter == "u" and value == "root":
                     raise UsageError("-u root: a compile server never runs as root "
                                      "(stap-serverd refuses it); name an unprivileged user")
                 else:
+                    _check_text(f"-{letter}", value)
                     if letter == "a":
                         try:
                             value = Arch.parse(value).stap
@@ -127,28 +192,45 @@ def parse_options(args: list[str], cwd: str) -> Options:
                             raise UsageError(f"-a: {e.message}", hint=e.hint) from e
                     o.events.append((letter, value))
             else:
-                raise UsageError(f"unknown option {arg}")
+                raise UsageError(f"unknown option {shown(arg)}")
         else:
-            raise UsageError(f"unexpected argument '{arg}'")
+            raise UsageError(f"unexpected argument '{shown(arg)}'")
+    if config_file is not None:
+        o.config_file = absolute("-c", config_file, cwd)
     return o
 
 
 def _check_long(name: str, value: str) -> None:
     if name == "strategy":
         if value.lower() not in {s.value for s in Strategy}:
-            raise UsageError(f"--strategy: '{value}' is not one of "
+            raise UsageError(f"--strategy: '{shown(value)}' is not one of "
                              + "|".join(s.value for s in Strategy))
         return
     if name in ("log", "ssl"):
         if not value:
             raise UsageError(f"--{name} needs a non-empty path")
+        _check_text(f"--{name}", value)
         return
-    lo, hi, what = {"port": (0, 65535, "a port number (0-65535)"),
-                    "max-threads": (0, None, "a thread count (0 or more)")}.get(
-        name, (1, None, "a size in bytes (1 or more)"))
-    if not (value.isascii() and value.isdigit() and int(value) >= lo
-            and (hi is None or int(value) <= hi)):
-        raise UsageError(f"--{name}: '{value}' is not {what}")
+    lo, hi, what = _NUMERIC_LONG[name]
+    if bounded_int(value, lo, hi) is None:
+        raise UsageError(f"--{name}: '{shown(value)}' is not {what}")
+
+
+def check_users(action: Action, o: Options, host: Host) -> None:
+    """The `-u USER` of a command that may start servers names an existing user of the
+    `stap-server` group (stap-server(8)), checked before anything is started.
+
+    Raises:
+        FarmError: the user does not exist or is not in the group (exit 1: what is wrong is
+            the host's user database, not the command line's syntax).
+    """
+    if action in (Action.STOP, Action.STATUS):
+        return  # stopping a server whose user was removed since must still work
+    for opt, value in o.events:
+        if opt == "u":
+            problem = server_user_problem(value, host.accounts)
+            if problem:
+                raise FarmError(problem)
 
 
 # --------------------------------------------------------------------------- resolving
@@ -161,20 +243,39 @@ class _Entry:
     origin: str = "cli"  # cli | running | configured | new | unknown
     nickname: str = ""
     modified: bool = False
+    base: ServerConfig | None = None  # a configured server as its file describes it
 
 
 class _Resolver:
-    """Turns the command line into `Request`s against the observed servers and the config."""
+    """Turns the command line into `Request`s against the observed servers and the config.
+
+    Problems in server files that do not concern the command are collected in `warnings`.
+    """
 
     def __init__(self, action: Action, g: GlobalConfig, host: Host,
                  observed: list[RunningServer]) -> None:
         self.action, self.g, self.host, self.observed = action, g, host, observed
-        self._configured: list[ServerDraft] | None = None
+        self._configured: ServerFiles | None = None
+        self.warnings: list[str] = []
+        self._warned = False
 
-    def configured(self) -> list[ServerDraft]:
+    def configured(self) -> ServerFiles:
         if self._configured is None:
             self._configured = load_server_configs(self.g.config_path)
         return self._configured
+
+    def warn_bad_files(self, files: ServerFiles | None = None) -> None:
+        """Add a warning per problem of every bad server file (once)."""
+        if self._warned:
+            return
+        self._warned = True
+        if files is None:
+            try:
+                files = self.configured()
+            except ConfigError as e:
+                self.warnings += [f"warning: {p}" for p in e.problems]
+                return
+        self.warnings += [f"warning: {p}" for b in files.bad for p in b.problems]
 
     def requests(self, o: Options) -> list[Request] | None:
         if not o.names_servers:
@@ -214,11 +315,16 @@ class _Resolver:
         named.sort(key=lambda s: not s.running)
         if named:
             return _Entry(ServerDraft.from_config(named[0].config), named[0], "running")
-        for d in self.configured():
+        files = self.configured()
+        for d in files.good:
             if d.nickname == value:
-                return _Entry(replace(d, releases=list(d.releases), build=list(d.build),
-                                      include=list(d.include), define=list(d.define)),
-                              origin="configured")
+                return _Entry(d.copy(), origin="configured",
+                              base=resolve_server(d, self.g, self.host))
+        bad = [b for b in files.bad if b.nickname == value]
+        if bad:  # the server the user means is described by a bad file: say why
+            raise ConfigError([p for b in bad for p in b.problems])
+        # a bad file whose NICKNAME could not be read may be the one meant
+        self.warn_bad_files(ServerFiles(tuple(b for b in files.bad if b.nickname is None)))
         if self.action.start_like:
             return _Entry(ServerDraft(nickname=value), origin="new")
         return _Entry(ServerDraft(), origin="unknown", nickname=value)
@@ -242,13 +348,13 @@ class _Resolver:
                 if release not in d.releases:
                     d.releases.append(release)
         elif opt == "I":
-            d.include.append(os.path.normpath(os.path.join(self.host.cwd, value)))
+            d.include.append(os.path.normpath(absolute("-I", value, self.host.cwd)))
         elif opt == "D":
             d.define.append(value)
         elif opt == "B":
             d.build.append(value)
         elif opt == "R":
-            d.runtime = os.path.normpath(os.path.join(self.host.cwd, value))
+            d.runtime = os.path.normpath(absolute("-R", value, self.host.cwd))
         elif opt == "u":
             d.user = value
         elif opt == "strategy":
@@ -279,12 +385,20 @@ class _Resolver:
             # running one's name (upstream's intent: "a configuration based on a nicknamed
             # configuration"); it is named by its PID.
             config = replace(config, nickname="")
+        elif e.base is not None and config.identity() != e.base.identity():
+            # Likewise for one derived from a configured server (`start -n NICK -a ARCH`):
+            # two servers named NICK would leave `stop -n NICK` reaching only one.
+            config = replace(config, nickname="")
         return Request(config)
 
-    def defaults(self) -> list[ServerConfig]:
-        """The configured servers, else one default server."""
-        drafts = self.configured() or [ServerDraft()]
-        return [resolve_server(d, self.g, self.host) for d in drafts]
+    def defaults(self) -> list[ServerConfig | BadServerFile]:
+        """The configured servers (a bad file stands for the server it fails to describe),
+        else one default server."""
+        files = self.configured()
+        if not files.entries:
+            return [resolve_server(ServerDraft(), self.g, self.host)]
+        return [resolve_server(x, self.g, self.host) if isinstance(x, ServerDraft)
+                else resolve_bad_file(x, self.g, self.host) for x in files.entries]
 
 
 # --------------------------------------------------------------------------- running
@@ -343,8 +457,7 @@ class _Runner:
 
     def _error(self, e: FarmError) -> None:
         self.out.flush()
-        for line in str(e).splitlines() or [""]:
-            self.err.write(f"{PROG}: {line}\n")
+        report(self.err, str(e))
         self.err.flush()
 
     def run(self, steps: list[PlannedStep]) -> int:
@@ -377,6 +490,11 @@ class _Runner:
             assert st.config is not None
             self._begin(step_header(st))
             self._end(self._call_start(st.config))
+        elif k is Step.INVALID:
+            assert st.invalid is not None
+            self._begin(step_header(st))
+            self._error(ConfigError(list(st.invalid.problems)))
+            self._end(False)
 
     def _call_stop(self, server: RunningServer, quiet: bool = False) -> bool:
         try:
@@ -413,8 +531,8 @@ def _sync_stat(stat_path: str, servers: list[RunningServer], err: TextIO, quiet:
         statfile.sync(stat_path, servers)
     except OSError as e:
         if not quiet:
-            err.write(f"{PROG}: warning: cannot update the status files in {stat_path}: "
-                      f"{e.strerror or e}\n")
+            report(err, f"warning: cannot update the status files in {stat_path}: "
+                        f"{e.strerror or e}")
 
 
 def _run(action: Action, o: Options, g: GlobalConfig, host: Host, backend: Backend,
@@ -423,7 +541,11 @@ def _run(action: Action, o: Options, g: GlobalConfig, host: Host, backend: Backe
     resolver = _Resolver(action, g, host, observed)
     requests = resolver.requests(o)
     defaults = resolver.defaults() if needs_defaults(action, requests, observed) else []
+    if action is Action.STATUS and requests is None:
+        resolver.warn_bad_files()
     steps = plan(action, requests, observed, defaults)
+    for warning in resolver.warnings:
+        report(err, warning)
     if action is Action.STATUS:
         code = status_exit_code(steps)
         notices = backend.notices()
@@ -468,7 +590,7 @@ def _dispatch(argv: list[str], environ: Mapping[str, str], out: TextIO, err: Tex
     except ValueError:
         names = [a.value for a in Action] + sorted(tools.ACTIONS)
         close = difflib.get_close_matches(name, names, n=1)
-        raise UsageError(f"unknown action '{name}'",
+        raise UsageError(f"unknown action '{shown(name)}'",
                          hint=f"did you mean '{close[0]}'?" if close else None) from None
     host = host or Host.current()
     o = parse_options(argv[1:], host.cwd)
@@ -477,7 +599,8 @@ def _dispatch(argv: list[str], environ: Mapping[str, str], out: TextIO, err: Tex
         return EXIT_OK
     if o.json and action is not Action.STATUS:
         raise UsageError("--json is only for status")
-    g = load_global(o.config_files, environ, euid=host.euid)
+    check_users(action, o, host)
+    g = load_global([o.config_file] if o.config_file else [], environ, euid=host.euid)
     be = backend if backend is not None else _make_backend(g, environ)
     if not action.mutating:
         return _run(action, o, g, host, be, out, err)
@@ -490,17 +613,65 @@ def main(argv: list[str], *, environ: Mapping[str, str] | None = None,
          backend: Backend | None = None, host: Host | None = None) -> int:
     """Run `stap-server ARGV...` and return its exit code (never raises for user errors)."""
     env = os.environ if environ is None else environ
-    out = sys.stdout if stdout is None else stdout
-    err = sys.stderr if stderr is None else stderr
+    out = _printable(sys.stdout if stdout is None else stdout)
+    err = _printable(sys.stderr if stderr is None else stderr)
     try:
         return _dispatch(argv, env, out, err, backend, host)
     except FarmError as e:
         out.flush()
-        for line in str(e).splitlines() or [""]:
-            err.write(f"{PROG}: {line}\n")
+        report(err, str(e))
         if isinstance(e, UsageError):
             err.write(f"Try '{PROG} --help' for more information.\n")
         return e.exit_code
+
+
+def report(err: TextIO, text: str) -> None:
+    """Write TEXT to ERR as `stap-server: ...` lines, one per line of TEXT."""
+    err.writelines(f"{PROG}: {line}\n" for line in text.splitlines() or [""])
+
+
+class _Printable:
+    """A text stream that escapes what it cannot encode instead of raising.
+
+    Command-line values and file names are bytes decoded with surrogateescape, so a value
+    echoed in an error or a `Starting` line need not be UTF-8 (`-n $'\\xff'`); its bytes
+    are shown as `\\xff`.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        encoding = getattr(self._stream, "encoding", None) or "utf-8"
+        try:
+            text.encode("utf-8")  # sys.stderr would print a surrogate as \udcff: show \xff
+        except UnicodeEncodeError:
+            return self._stream.write(_escaped(text, encoding))
+        try:
+            return self._stream.write(text)
+        except UnicodeEncodeError:  # a terminal that is not UTF-8
+            return self._stream.write(_escaped(text, encoding))
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno...: the stream's own
+        return getattr(self._stream, name)
+
+
+def _printable(stream: TextIO) -> TextIO:
+    # _Printable has TextIO's methods by delegation, which mypy cannot see
+    return stream if isinstance(stream, _Printable) else cast(TextIO, _Printable(stream))
+
+
+def _escaped(text: str, encoding: str) -> str:
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the original bytes
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    readable = raw.decode("utf-8", "backslashreplace")
+    return readable.encode(encoding, "backslashreplace").decode(encoding, "replace")
 
 
 def entry_point() -> None:

@@ -8,15 +8,18 @@ in a file is collected and reported at once as one `ConfigError`, each naming `F
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
 import os
 import pwd
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from farm.arch import Arch
 from farm.errors import ArchError, ConfigError
+from farm.mirror import host_debian_mirror
 from farm.spec import (
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
@@ -26,6 +29,7 @@ from farm.spec import (
 )
 
 DEFAULT_GLOBAL_FILE = "/etc/sysconfig/stap-server"
+MAX_CONFIG_BYTES = 1 << 20  # no configuration file is this large
 CONFIG_FILE_ENV = "STAPFARM_CONFIG_FILE"  # replaces DEFAULT_GLOBAL_FILE ("" = none)
 ROOT_DEFAULT_USER = "stap-server"  # who servers run as when root starts them (never root)
 
@@ -50,17 +54,23 @@ def read_config_text(path: str) -> str:
     """Return the text of configuration file PATH.
 
     Raises:
-        ConfigError: the file is missing, unreadable, a directory or not UTF-8.
+        ConfigError: the file is missing, unreadable, a directory, larger than 1 MiB
+            (`-c /dev/zero`) or not UTF-8.
     """
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: no such configuration file") from e
     except IsADirectoryError as e:
         raise ConfigError(f"{path}: is a directory, not a configuration file") from e
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    except ValueError as e:  # a NUL in the name: no such file can exist
+        raise ConfigError(f"{shown(path)}: no such configuration file") from e
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not a configuration "
+                          "file")
     return decode_config_bytes(data, path)
 
 
@@ -110,15 +120,46 @@ def _unknown(a: Assignment, known: Iterable[str]) -> str:
     return f"{a.where}: unknown variable '{a.name}'{hint}"
 
 
+# Bounds of numeric values, named in every message that refuses one (docs/cli.md).
+MAX_PORT = 65535
+MAX_THREADS = 1024  # stap-serverd starts one thread per worker; more only exhausts PIDS_LIMIT
+MAX_REQUEST_BYTES = 1 << 30  # 1 GiB: --max-request-size, --max-compressed-request
+MAX_PID = 4194304  # PID_MAX_LIMIT, the largest pid_max a 64-bit Linux kernel accepts
+MAX_CPUS = 1024.0  # CPUS: a sane cap (Docker itself refuses more CPUs than the host has)
+MIN_CPUS = 0.01  # Docker's smallest CPU limit (0 still means "no limit")
+
+
+def bounded_int(text: str, lo: int, hi: int) -> int | None:
+    """TEXT as a decimal integer in LO..HI, else None.
+
+    Never calls int() on more digits than HI has: Python refuses to convert strings of more
+    than 4,300 digits (ValueError), and a value that long is out of range anyway.
+    """
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(hi)):
+        return None
+    n = int(digits)
+    return n if lo <= n <= hi else None
+
+
+def shown(value: str, limit: int = 40) -> str:
+    """VALUE for an error message: very long values are cut, with their length."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit // 2]}...{value[-8:]} ({len(value)} characters)"
+
+
 def _parse_int(a: Assignment, lo: int, hi: int | None, what: str, problems: list[str]
                ) -> int | None:
     value = a.value.strip()
-    if not value.isascii() or not value.isdigit() or not (
-            lo <= int(value) and (hi is None or int(value) <= hi)):
+    top = hi if hi is not None else 10 ** 18  # no traceback for an unbounded variable either
+    n = bounded_int(value, lo, top)
+    if n is None:
         upper = f"-{hi}" if hi is not None else " or more"
-        problems.append(f"{a.where}: {a.name}: '{a.value}' is not {what} ({lo}{upper})")
-        return None
-    return int(value)
+        problems.append(f"{a.where}: {a.name}: '{shown(a.value)}' is not {what} ({lo}{upper})")
+    return n
 
 
 # --------------------------------------------------------------------------- servers
@@ -130,6 +171,7 @@ SERVER_SCALARS = ("ARCH", "RUNTIME", "USER", "NICKNAME", "LOG", "PORT", "SSL", "
 SERVER_VARIABLES = SERVER_ARRAYS + SERVER_SCALARS
 _ARRAY_FIELD = {"RELEASE": "releases", "BUILD": "build", "INCLUDE": "include",
                 "DEFINE": "define"}
+_SIZE = f"a size in bytes (1-{MAX_REQUEST_BYTES}, i.e. at most 1 GiB)"
 
 
 @dataclass
@@ -167,6 +209,64 @@ class ServerDraft:
                    max_compressed_request=c.max_compressed_request, strategy=c.strategy,
                    source=c.source)
 
+    def copy(self) -> ServerDraft:
+        """An independent copy (the lists are not shared)."""
+        return replace(self, releases=list(self.releases), build=list(self.build),
+                       include=list(self.include), define=list(self.define))
+
+
+@dataclass(frozen=True)
+class BadServerFile:
+    """A server `.conf` that describes no server: its problems, and what it says.
+
+    WRITTEN holds the file's values as written (`VARIABLE`, values), arrays after `=`/`+=`,
+    so that `start` can show the server it could not start, as upstream would.
+    """
+
+    path: str
+    problems: tuple[str, ...]
+    nickname: str | None = None  # NICKNAME as written, when the file sets one
+    written: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def value(self, name: str) -> tuple[str, ...]:
+        """The values the file gives VARIABLE NAME (() when none)."""
+        return next((v for n, v in self.written if n == name), ())
+
+
+@dataclass
+class _ParsedFile:
+    """One parse of a server file: the draft of its valid lines and everything else."""
+
+    draft: ServerDraft
+    problems: list[str]
+    written: dict[str, list[str]]
+    nickname_where: str = ""  # FILE:LINE of the NICKNAME in effect
+
+    def bad(self, extra: Iterable[str] = ()) -> BadServerFile:
+        return BadServerFile(self.draft.source, tuple(self.problems) + tuple(extra),
+                             (self.written.get("NICKNAME") or [""])[0] or None,
+                             tuple((n, tuple(v)) for n, v in self.written.items() if v))
+
+
+def _parse_server_file(text: str, path: str) -> _ParsedFile:
+    parsed = _ParsedFile(ServerDraft(source=path), [], {})
+    for a in split_lines(text, path):
+        if isinstance(a, str):
+            parsed.problems.append(a)
+            continue
+        _apply_server(parsed.draft, a, parsed.problems)
+        if a.name in SERVER_ARRAYS:
+            items = parsed.written.setdefault(a.name, [])
+            if not a.append:
+                items.clear()
+            if a.value not in ("", "()"):
+                items.append(a.value)
+        elif a.name in SERVER_SCALARS and not a.append:
+            parsed.written[a.name] = [a.value] if a.value else []
+            if a.name == "NICKNAME":
+                parsed.nickname_where = a.where
+    return parsed
+
 
 def parse_server_text(text: str, path: str) -> ServerDraft:
     """Parse the text of a server `.conf` (or `.stat`) file named PATH.
@@ -174,16 +274,10 @@ def parse_server_text(text: str, path: str) -> ServerDraft:
     Raises:
         ConfigError: every invalid line, unknown variable or bad value, each as `PATH:LINE: ...`.
     """
-    problems: list[str] = []
-    draft = ServerDraft(source=path)
-    for a in split_lines(text, path):
-        if isinstance(a, str):
-            problems.append(a)
-        else:
-            _apply_server(draft, a, problems)
-    if problems:
-        raise ConfigError(problems)
-    return draft
+    parsed = _parse_server_file(text, path)
+    if parsed.problems:
+        raise ConfigError(parsed.problems)
+    return parsed.draft
 
 
 def _apply_server(d: ServerDraft, a: Assignment, problems: list[str]) -> None:
@@ -194,7 +288,7 @@ def _apply_server(d: ServerDraft, a: Assignment, problems: list[str]) -> None:
         items: list[str] = getattr(d, _ARRAY_FIELD[a.name])
         empty = a.value in ("", "()")  # upstream treats `X=()` like `X=`
         if a.name == "INCLUDE" and not empty and not a.value.startswith("/"):
-            problems.append(f"{a.where}: INCLUDE: '{a.value}' is not an absolute path")
+            problems.append(f"{a.where}: INCLUDE: '{shown(a.value)}' is not an absolute path")
             return
         if not a.append:
             items.clear()
@@ -202,7 +296,7 @@ def _apply_server(d: ServerDraft, a: Assignment, problems: list[str]) -> None:
             items.append(a.value)
         return
     if a.append:
-        problems.append(f"{a.where}: {a.name} is not an array; write {a.name}={a.value}")
+        problems.append(f"{a.where}: {a.name} is not an array; write {a.name}={shown(a.value)}")
         return
     value = a.value
     if a.name == "ARCH":
@@ -220,16 +314,17 @@ def _apply_server(d: ServerDraft, a: Assignment, problems: list[str]) -> None:
         d.user = value or None
     elif a.name in ("RUNTIME", "LOG", "SSL"):
         if value and not value.startswith("/"):
-            problems.append(f"{a.where}: {a.name}: '{value}' is not an absolute path")
+            problems.append(f"{a.where}: {a.name}: '{shown(value)}' is not an absolute path")
         setattr(d, a.name.lower(), value or None)
     elif a.name == "NICKNAME":
         d.nickname = value or None
     elif a.name == "PORT":
-        d.port = _parse_int(a, 0, 65535, "a port number", problems) or None if value else None
+        d.port = _parse_int(a, 0, MAX_PORT, "a port number", problems) or None if value else None
     elif a.name == "MAXTHREADS":
-        d.max_threads = _parse_int(a, 0, None, "a thread count", problems) if value else None
+        d.max_threads = (_parse_int(a, 0, MAX_THREADS, "a thread count", problems)
+                         if value else None)
     elif a.name in ("MAXREQSIZE", "MAXCOMPRESSEDREQ"):
-        n = _parse_int(a, 1, None, "a size in bytes", problems) if value else None
+        n = _parse_int(a, 1, MAX_REQUEST_BYTES, _SIZE, problems) if value else None
         if a.name == "MAXREQSIZE":
             d.max_request_size = n
         else:
@@ -243,7 +338,7 @@ def _parse_strategy(a: Assignment, problems: list[str]) -> Strategy | None:
         return Strategy(a.value.strip().lower())
     except ValueError:
         names = "|".join(s.value for s in Strategy)
-        problems.append(f"{a.where}: {a.name}: '{a.value}' is not one of {names}")
+        problems.append(f"{a.where}: {a.name}: '{shown(a.value)}' is not one of {names}")
         return None
 
 
@@ -265,22 +360,134 @@ def server_files(config_path: str) -> list[str]:
             if n.endswith(".conf") and not os.path.isdir(os.path.join(config_path, n))]
 
 
-def load_server_configs(config_path: str) -> list[ServerDraft]:
-    """Every configured server of CONFIG_PATH, in file-name order.
+@dataclass(frozen=True)
+class ServerFiles:
+    """The configured servers of CONFIG_PATH, in file-name order: a draft per good file, a
+    `BadServerFile` per file that describes no server (one bad file blocks no other)."""
+
+    entries: tuple[ServerDraft | BadServerFile, ...] = ()
+
+    @property
+    def good(self) -> list[ServerDraft]:
+        return [e for e in self.entries if isinstance(e, ServerDraft)]
+
+    @property
+    def bad(self) -> list[BadServerFile]:
+        return [e for e in self.entries if isinstance(e, BadServerFile)]
+
+
+def load_server_configs(config_path: str) -> ServerFiles:
+    """Every server file of CONFIG_PATH, in file-name order, each good or with its problems.
+
+    Two files that set the same NICKNAME are both bad: each names the other's FILE:LINE.
 
     Raises:
-        ConfigError: the problems of every file at once.
+        ConfigError: CONFIG_PATH itself cannot be listed.
     """
-    drafts: list[ServerDraft] = []
-    problems: list[str] = []
+    parsed: list[_ParsedFile | BadServerFile] = []
     for path in server_files(config_path):
         try:
-            drafts.append(parse_server_text(read_config_text(path), path))
+            text = read_config_text(path)
         except ConfigError as e:
-            problems.extend(e.problems)
-    if problems:
-        raise ConfigError(problems)
-    return drafts
+            parsed.append(BadServerFile(path, tuple(e.problems)))
+            continue
+        one = _parse_server_file(text, path)
+        if not _is_utf8(os.path.basename(path)):
+            one.problems.insert(0, f"{path}: the file name is not valid UTF-8 (rename it)")
+        parsed.append(one)
+    by_nickname: dict[str, list[_ParsedFile]] = {}
+    for p in parsed:
+        if isinstance(p, _ParsedFile) and p.draft.nickname:
+            by_nickname.setdefault(p.draft.nickname, []).append(p)
+    clashes: dict[int, list[str]] = {}
+    for nick, same in by_nickname.items():
+        for p in same if len(same) > 1 else ():
+            others = ", ".join(o.nickname_where for o in same if o is not p)
+            clashes[id(p)] = [(f"{p.nickname_where}: NICKNAME '{shown(nick)}' is also set "
+                               f"in {others} (a nickname names one server)")]
+    entries: list[ServerDraft | BadServerFile] = []
+    for p in parsed:
+        if isinstance(p, BadServerFile):
+            entries.append(p)
+        elif p.problems or id(p) in clashes:
+            entries.append(p.bad(clashes.get(id(p), ())))
+        else:
+            entries.append(p.draft)
+    return ServerFiles(tuple(entries))
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's bytes decoded with surrogateescape
+        return False
+    return True
+
+
+SERVER_GROUP = "stap-server"  # stap-server(8): servers run as users of this group
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user as the host's user database knows it."""
+
+    name: str
+    gid: int  # primary group
+
+
+@dataclass(frozen=True)
+class Group:
+    """A group as the host's group database knows it."""
+
+    name: str
+    gid: int
+    members: tuple[str, ...]  # supplementary members
+
+
+class Accounts(Protocol):
+    """The host's users and groups (injectable: unit tests do not read /etc/passwd)."""
+
+    def user(self, name: str) -> Account | None:
+        """The user NAME, or None when there is none."""
+        ...
+
+    def group(self, name: str) -> Group | None:
+        """The group NAME, or None when there is none."""
+        ...
+
+
+class SystemAccounts:
+    """`Accounts` from the host's databases (pwd, grp: NSS)."""
+
+    def user(self, name: str) -> Account | None:
+        try:
+            pw = pwd.getpwnam(name)
+        except (KeyError, ValueError):  # ValueError: an embedded NUL
+            return None
+        return Account(pw.pw_name, pw.pw_gid)
+
+    def group(self, name: str) -> Group | None:
+        try:
+            gr = grp.getgrnam(name)
+        except (KeyError, ValueError):
+            return None
+        return Group(gr.gr_name, gr.gr_gid, tuple(gr.gr_mem))
+
+
+def server_user_problem(name: str, accounts: Accounts) -> str | None:
+    """Why user NAME cannot run compile servers, or None: stap-server(8) wants an existing
+    user in the `stap-server` group (as its primary or a supplementary group)."""
+    user = accounts.user(name)
+    if user is None:
+        return f"-u {shown(name)}: no such user"
+    group = accounts.group(SERVER_GROUP)
+    if group is None:
+        return (f"-u {shown(name)}: there is no '{SERVER_GROUP}' group on this host "
+                "(scripts/setup.sh creates it)")
+    if user.gid != group.gid and user.name not in group.members:
+        return (f"-u {shown(name)}: user '{shown(name)}' is not a member of the "
+                f"'{SERVER_GROUP}' group (usermod -a -G {SERVER_GROUP} {shown(name)})")
+    return None
 
 
 @dataclass(frozen=True)
@@ -291,7 +498,8 @@ class Host:
     release: str  # uname -r
     euid: int
     user: str  # the invoking user's name
-    cwd: str
+    cwd: str  # "" when the working directory no longer exists
+    accounts: Accounts = field(default_factory=SystemAccounts, compare=False, repr=False)
 
     @classmethod
     def current(cls) -> Host:
@@ -301,8 +509,12 @@ class Host:
             user = pwd.getpwuid(euid).pw_name
         except KeyError:
             user = str(euid)
+        try:
+            cwd = os.getcwd()
+        except OSError:  # run from a deleted directory: only relative paths need it
+            cwd = ""
         return cls(arch=Arch.host().stap, release=os.uname().release, euid=euid, user=user,
-                   cwd=os.getcwd())
+                   cwd=cwd)
 
 
 def default_user(g: GlobalConfig, host: Host) -> str:
@@ -334,21 +546,44 @@ def resolve_server(d: ServerDraft, g: GlobalConfig, host: Host) -> ServerConfig:
     )
 
 
+def resolve_bad_file(b: BadServerFile, g: GlobalConfig, host: Host) -> BadServerFile:
+    """B with the manual's defaults where it gives no ARCH, RELEASE, USER or LOG (for its
+    `Starting` line, like every other server's)."""
+    defaults = {"ARCH": host.arch, "RELEASE": host.release, "USER": default_user(g, host),
+                "LOG": g.log_file}
+    written = dict(b.written)
+    for name, value in defaults.items():
+        written.setdefault(name, (value,))
+    return replace(b, written=tuple(written.items()))
+
+
 # --------------------------------------------------------------------------- global
 
 
 _GLOBAL_PATHS = {"CONFIG_PATH": "config_path", "STAT_PATH": "stat_path",
                  "LOG_FILE": "log_file", "STATE_DIR": "state_dir", "MODULES_DIR": "modules_dir"}
 _GLOBAL_WORDS = {"MDNS_INTERFACES": "mdns_interfaces", "CERT_NAMES": "cert_names",
-                 "KERNEL_SUITES": "kernel_suites", "ENDPOINT_OFFER": "endpoint_offer"}
+                 "KERNEL_SUITES": "kernel_suites", "ENDPOINT_OFFER": "endpoint_offer",
+                 "ENDPOINT_POLICY": "endpoint_policy"}
 _GLOBAL_OTHER = ("STAP_USER", "STRATEGY", "IMAGE_PREFIX", "LISTEN_ADDRESS", "DEBIAN_MIRROR",
                  "APT_ALLOW_EXPIRED", "MEMORY_LIMIT", "PIDS_LIMIT", "CPUS", "TMPFS_SIZE",
                  "ENDPOINT_PORT", "ENDPOINT_METRICS_PORT", "ENDPOINT_PROVISION",
-                 "ENDPOINT_CACHE_SIZE", "ENDPOINT_MAX_CONNECTIONS", "ENDPOINT_IDLE_TIMEOUT")
+                 "ENDPOINT_CACHE_SIZE", "ENDPOINT_MAX_CONNECTIONS", "ENDPOINT_IDLE_TIMEOUT",
+                 "ENDPOINT_USER", "ENDPOINT_METRICS_ADDRESS", "ENDPOINT_MAX_PER_SOURCE",
+                 "ENDPOINT_WRITE_TIMEOUT", "ENDPOINT_QUEUE_TIMEOUT", "ENDPOINT_MAX_QUEUE",
+                 "ENDPOINT_MEMORY", "ENDPOINT_MAX_RESPONSE", "ENDPOINT_PROVISION_IDLE",
+                 "ENDPOINT_MAX_PROVISIONED")
 _ENDPOINT_INTS = {"ENDPOINT_PORT": (1, 65535, "a port number"),
                   "ENDPOINT_METRICS_PORT": (0, 65535, "a port number (0 = off)"),
                   "ENDPOINT_MAX_CONNECTIONS": (1, 100000, "a connection count"),
-                  "ENDPOINT_IDLE_TIMEOUT": (1, 3600, "a number of seconds")}
+                  "ENDPOINT_IDLE_TIMEOUT": (1, 3600, "a number of seconds"),
+                  "ENDPOINT_MAX_PER_SOURCE": (1, 100000, "a connection count"),
+                  "ENDPOINT_WRITE_TIMEOUT": (1, 3600, "a number of seconds"),
+                  "ENDPOINT_QUEUE_TIMEOUT": (1, 86400, "a number of seconds"),
+                  "ENDPOINT_MAX_QUEUE": (0, 100000, "a request count"),
+                  "ENDPOINT_PROVISION_IDLE": (0, 31 * 86400, "a number of seconds (0 = never)"),
+                  "ENDPOINT_MAX_PROVISIONED": (0, 256, "a server count")}
+ENDPOINT_POLICY_WORDS = ("allow-guru", "allow-absolute-paths")
 GLOBAL_VARIABLES = tuple(_GLOBAL_PATHS) + tuple(_GLOBAL_WORDS) + _GLOBAL_OTHER
 _YES = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
 
@@ -427,6 +662,12 @@ def parse_global_text(text: str, path: str, base: GlobalConfig, environ: Mapping
                     problems.append(f"{a.where}: ENDPOINT_OFFER: '{bad[0]}' is not ARCH or "
                                     "ARCH:RELEASE (x86_64, aarch64, ...)")
                     continue
+            if a.name == "ENDPOINT_POLICY":
+                bad = [w for w in words if w not in ENDPOINT_POLICY_WORDS]
+                if bad:
+                    problems.append(f"{a.where}: ENDPOINT_POLICY: '{bad[0]}' is not one of "
+                                    f"{', '.join(ENDPOINT_POLICY_WORDS)}")
+                    continue
             if a.append:
                 current = changes.get(attr, getattr(base, attr))
                 assert isinstance(current, tuple)
@@ -456,11 +697,17 @@ def parse_global_text(text: str, path: str, base: GlobalConfig, environ: Mapping
             strategy = _parse_strategy(a, problems)
             if strategy is not None:
                 changes["strategy"] = strategy
-        elif a.name == "LISTEN_ADDRESS":
+        elif a.name in ("LISTEN_ADDRESS", "ENDPOINT_METRICS_ADDRESS"):
             try:
-                changes["listen_address"] = str(ipaddress.ip_address(value))
+                changes[a.name.lower()] = str(ipaddress.ip_address(value))
             except ValueError:
-                problems.append(f"{a.where}: LISTEN_ADDRESS: '{value}' is not an IP address")
+                problems.append(f"{a.where}: {a.name}: '{value}' is not an IP address")
+        elif a.name == "ENDPOINT_USER":
+            if value == "root":
+                problems.append(f"{a.where}: ENDPOINT_USER=root: the endpoint's front door "
+                                "never runs as root; name an unprivileged user")
+                continue
+            changes["endpoint_user"] = value
         elif a.name in ("APT_ALLOW_EXPIRED", "ENDPOINT_PROVISION"):
             if value.lower() in _YES:
                 changes[a.name.lower()] = _YES[value.lower()]
@@ -471,24 +718,27 @@ def parse_global_text(text: str, path: str, base: GlobalConfig, environ: Mapping
             n = _parse_int(replace(a, value=value), lo, hi, what, problems)
             if n is not None:
                 changes[a.name.lower()] = n
-        elif a.name in ("MEMORY_LIMIT", "TMPFS_SIZE", "ENDPOINT_CACHE_SIZE"):
+        elif a.name in ("MEMORY_LIMIT", "TMPFS_SIZE", "ENDPOINT_CACHE_SIZE", "ENDPOINT_MEMORY",
+                        "ENDPOINT_MAX_RESPONSE"):
             if _MEMORY.fullmatch(value):
                 changes[a.name.lower()] = value.lower()
             else:
                 problems.append(f"{a.where}: {a.name}: '{value}' is not a size "
                                 "(a number with an optional b, k, m or g suffix)")
         elif a.name == "PIDS_LIMIT":
-            n = _parse_int(replace(a, value=value), 1, None, "a process count", problems)
+            n = _parse_int(replace(a, value=value), 1, MAX_PID, "a process count", problems)
             if n is not None:
                 changes["pids_limit"] = n
         elif a.name == "CPUS":
             try:
                 cpus = float(value)
-                if not cpus >= 0 or cpus == float("inf"):
+                # 1e308 parses, and overflows as Docker's nano_cpus: bounded here
+                if not (cpus == 0 or MIN_CPUS <= cpus <= MAX_CPUS):
                     raise ValueError(value)
                 changes["cpus"] = cpus
             except ValueError:
-                problems.append(f"{a.where}: CPUS: '{value}' is not a CPU count (0 = all)")
+                problems.append(f"{a.where}: CPUS: '{shown(value)}' is not a CPU count "
+                                f"(0 = all, else {MIN_CPUS:g}-{MAX_CPUS:g})")
         elif a.name == "DEBIAN_MIRROR":
             if not value.startswith(("http://", "https://", "file:/")):
                 problems.append(f"{a.where}: DEBIAN_MIRROR: '{value}' is not an http(s) URL")
@@ -519,12 +769,15 @@ def global_file(environ: Mapping[str, str]) -> str:
 
 
 def load_global(config_files: list[str], environ: Mapping[str, str], *,
-                euid: int | None = None) -> GlobalConfig:
-    """The farm's settings: defaults, the default global file if present, then CONFIG_FILES.
+                euid: int | None = None, apt_root: str = "/") -> GlobalConfig:
+    """The farm's settings: defaults, the default global file if present, then the LAST of
+    CONFIG_FILES (the `-c` options).
 
-    Later files override the variables they set. The default file
+    stap-server(8)'s `-c FILE` names one additional file (upstream keeps `OPT_CONFIG_FILE`:
+    the last one wins), so the earlier ones are not read. The default file
     (`/etc/sysconfig/stap-server`, or `$STAPFARM_CONFIG_FILE`) is skipped when missing,
-    as upstream; a file named explicitly must exist.
+    as upstream; a file named explicitly must exist. Without DEBIAN_MIRROR, the mirror is
+    the host's apt configuration under APT_ROOT (farm/mirror.py; "" when it names none).
 
     Raises:
         ConfigError: a missing or unreadable explicit file, or every problem in the files.
@@ -535,7 +788,7 @@ def load_global(config_files: list[str], environ: Mapping[str, str], *,
     default = global_file(environ)
     if default and os.path.exists(default):
         files.append(default)
-    files.extend(config_files)
+    files.extend(config_files[-1:])
     problems: list[str] = []
     for path in files:
         try:
@@ -544,4 +797,6 @@ def load_global(config_files: list[str], environ: Mapping[str, str], *,
             problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
+    if not g.debian_mirror:
+        g = replace(g, debian_mirror=host_debian_mirror(apt_root))
     return g

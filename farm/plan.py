@@ -11,8 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from farm.backend import RunningServer
+from farm.config import BadServerFile
 from farm.errors import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK
 from farm.spec import ServerConfig
+
+# What `start` starts when no server is named: a configuration per good server file, a
+# BadServerFile per file that describes none (reported FAILED in its place).
+Default = ServerConfig | BadServerFile
 
 
 class Action(str, enum.Enum):
@@ -51,6 +56,7 @@ class Request:
 
 class Step(enum.Enum):
     START = "start"  # start `config`
+    INVALID = "invalid"  # a configured server whose file is bad (`invalid`): failure
     ALREADY_RUNNING = "already-running"  # `config` matches `server` (or one planned earlier)
     REMOVE_STALE = "remove-stale"  # silently remove a dead `server` before starting again
     STOP = "stop"  # stop `server`
@@ -72,6 +78,7 @@ class PlannedStep:
     config: ServerConfig | None = None
     server: RunningServer | None = None
     nickname: str = ""
+    invalid: BadServerFile | None = None
 
 
 def matches(config: ServerConfig, server: RunningServer) -> bool:
@@ -91,22 +98,25 @@ def needs_defaults(action: Action, requests: Sequence[Request] | None,
 
 def plan(action: Action, requests: Sequence[Request] | None,
          observed: Sequence[RunningServer],
-         defaults: Sequence[ServerConfig] = ()) -> list[PlannedStep]:
+         defaults: Sequence[Default] = ()) -> list[PlannedStep]:
     """The steps of ACTION for REQUESTS (None: nothing listed) given the OBSERVED servers.
 
     DEFAULTS are the configured servers, else the default server: what `start` starts when
-    nothing is listed.
+    nothing is listed. A bad server file among them is an INVALID step in its place; the
+    others are started all the same.
     """
     if action is Action.START:
-        configs = _configs(requests) if requests is not None else list(defaults)
+        configs: list[Default] = (list(_configs(requests)) if requests is not None
+                                  else list(defaults))
         return _plan_start(configs, requests, observed)
     if action is Action.STOP:
         return _plan_stop(requests, observed)
     if action is Action.STATUS:
         return _plan_status(requests, observed)
     if action is Action.FORCE_RELOAD:
-        configs = _configs(requests) if requests is not None else list(defaults)
-        return _plan_stop(None, observed) + _plan_start(configs, None, [])
+        reload: list[Default] = (list(_configs(requests)) if requests is not None
+                                 else list(defaults))
+        return _plan_stop(None, observed) + _plan_start(reload, None, [])
     if action is Action.RESTART:
         if requests is None:
             if not observed:
@@ -163,12 +173,15 @@ def _remaining(observed: Sequence[RunningServer],
     return [s for s in observed if s.container not in gone]
 
 
-def _plan_start(configs: Sequence[ServerConfig], requests: Sequence[Request] | None,
+def _plan_start(configs: Sequence[Default], requests: Sequence[Request] | None,
                 observed: Sequence[RunningServer]) -> list[PlannedStep]:
     steps: list[PlannedStep] = []
     planned: list[ServerConfig] = []
     exact = {id(r.config): r.server for r in requests or () if r.server is not None}
     for config in configs:
+        if isinstance(config, BadServerFile):
+            steps.append(PlannedStep(Step.INVALID, invalid=config))
+            continue
         chosen = exact.get(id(config))
         if chosen is not None and chosen.running and chosen.config.identity() == config.identity():
             steps.append(PlannedStep(Step.ALREADY_RUNNING, config, chosen))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from farm.backend import RunningServer
+from farm.config import BadServerFile
 from farm.plan import PlannedStep, Step
 from farm.spec import (
     DEFAULT_MAX_COMPRESSED_REQUEST,
@@ -48,6 +49,21 @@ def server_options(config: ServerConfig, nickname: str = "") -> str:
     return " ".join(parts)
 
 
+# A server file's variables as upstream's `echo_server_options` shows them, in its order.
+_WRITTEN_FLAGS = (("ARCH", "-a"), ("RELEASE", "-r"), ("RUNTIME", "-R"), ("DEFINE", "-D"),
+                  ("INCLUDE", "-I"), ("BUILD", "-B"), ("USER", "-u"), ("NICKNAME", "-n"),
+                  ("LOG", "--log"), ("PORT", "--port"), ("SSL", "--ssl"),
+                  ("MAXTHREADS", "--max-threads"), ("MAXREQSIZE", "--max-request-size"),
+                  ("MAXCOMPRESSEDREQ", "--max-compressed-request"), ("STRATEGY", "--strategy"))
+
+
+def written_options(bad: BadServerFile) -> str:
+    """The option display of a server file that describes no server, from its values as
+    written (`ARCH=i386` shows as `-a "i386"`, as upstream would show it before failing)."""
+    return " ".join(f'{flag} "{quote(v)}"' for name, flag in _WRITTEN_FLAGS
+                    for v in bad.value(name))
+
+
 def running_options(server: RunningServer) -> str:
     """Display options of a running SERVER: its nickname defaults to its PID, as upstream."""
     return server_options(server.config, server.nickname)
@@ -59,6 +75,9 @@ def step_header(step: PlannedStep) -> str:
     if k in (Step.START, Step.ALREADY_RUNNING):
         assert step.config is not None
         return f"Starting {PROG} {server_options(step.config)}"
+    if k is Step.INVALID:
+        assert step.invalid is not None
+        return f"Starting {PROG} {written_options(step.invalid)}".rstrip()
     if k is Step.STOP:
         assert step.server is not None
         return f"Stopping {PROG} {running_options(step.server)}"
@@ -144,7 +163,7 @@ Options:
   -R path                        : specify the location of the systemtap runtime.
   -B options                     : specify 'make' options for building systemtap modules.
   -D name[=value]                : add a macro definition for building systemtap modules.
-  -u username                    : specify the user who will run the server(s).
+  -u username                    : the user who will run the server(s), of group stap-server.
   -i                             : serve every kernel release with a build tree in /lib/modules.
   -n nickname                    : specify a server configuration by nickname.
   -p pid                         : specify a server by process id.
@@ -164,7 +183,7 @@ If -a is not specified, the default architecture is that of the host.
 If -r is not specified, the default kernel release is the one running on the host.
 If -u is not specified, the default is STAP_USER, else the invoking user; servers never run
 as root: when root starts them without -u, they run as 'stap-server'.
-If --port is not specified, a randomly selected port is used.
+If --port is not specified (or is 0), a randomly selected port is used.
 If --log is not specified, the default is LOG_FILE of the global configuration.
 If --ssl is not specified, the farm's certificate database for the server user is used.
 If --max-threads is not specified, the default is the number of processors.
@@ -175,7 +194,9 @@ If --max-compressed-request is not specified, the default is {DEFAULT_MAX_COMPRE
 
 Each -D, -I, -B and -r option adds to the server being described; -a, -R, -u replace.
 Each -n or -p starts the description of another server; options after it modify it
-(start -n NICK -a ARCH = "like NICK, for ARCH").
+(start -n NICK -a ARCH = "like NICK, for ARCH": another server, named by its PID).
+Limits: --port 0-65535, --max-threads 0-1024, --max-request-size and
+--max-compressed-request 1-1073741824 (1 GiB), -p 1-4194304. Empty values are refused.
 Each --port, --log, --ssl, --max-threads, --max-request-size and --max-compressed-request
 option is added to a list applied, in turn, to each server specified; servers beyond a list
 keep their configured value or get the default.

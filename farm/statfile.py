@@ -58,7 +58,8 @@ def write_atomic(path: str, text: str) -> None:
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        # surrogateescape: a path from the environment is bytes, written back as they were
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
@@ -106,7 +107,7 @@ def sync(stat_path: str, servers: Iterable[RunningServer]) -> None:
     for pid, text in wanted.items():
         path = os.path.join(stat_path, f"{pid}.stat")
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 if f.read() == text:
                     continue
         except OSError:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from farm.backend import RunningServer
 from farm.cli import main
-from farm.config import Host
+from farm.config import Account, Group, Host
 from farm.errors import ServerError
 from farm.spec import ServerConfig
 
@@ -77,6 +77,31 @@ class FakeBackend:
 
 
 @dataclass
+class FakeAccounts:
+    """`farm.config.Accounts` in memory: users by name (their primary gid), groups by name."""
+
+    users: dict[str, int] = field(default_factory=dict)
+    groups: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
+
+    def user(self, name: str) -> Account | None:
+        return Account(name, self.users[name]) if name in self.users else None
+
+    def group(self, name: str) -> Group | None:
+        if name not in self.groups:
+            return None
+        gid, members = self.groups[name]
+        return Group(name, gid, members)
+
+
+def farm_accounts() -> FakeAccounts:
+    """alice (the invoking user) and bob are in group stap-server (bob as a supplementary
+    member, stap-server by its primary group); mallory exists outside it."""
+    return FakeAccounts(users={"alice": 1000, "bob": 1001, "mallory": 1002, "stap-server": 155},
+                        groups={"stap-server": (155, ("alice", "bob")),
+                                "users": (100, ("mallory",))})
+
+
+@dataclass
 class Result:
     rc: int
     out: str
@@ -135,7 +160,7 @@ class Farm:
 
     def as_root(self) -> Host:
         return Host(arch=self.host.arch, release=self.host.release, euid=0, user="root",
-                    cwd=self.host.cwd)
+                    cwd=self.host.cwd, accounts=self.host.accounts)
 
 
 def make_farm(tmp_path: Path) -> Farm:
@@ -146,7 +171,7 @@ def make_farm(tmp_path: Path) -> Farm:
         d.mkdir(parents=True)
     f = Farm(root=root, backend=FakeBackend(),
              host=Host(arch="x86_64", release="6.1.0-test", euid=1000, user="alice",
-                       cwd=str(work)))
+                       cwd=str(work), accounts=farm_accounts()))
     f.global_file.write_text(
         "# test farm\n"
         f"CONFIG_PATH={f.config_path}\n"

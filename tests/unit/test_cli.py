@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from clifakes import Farm
+from clifakes import Farm, Result
 
 from farm import cli, tools
 from farm.config import Host
@@ -140,11 +140,13 @@ def test_n_unknown_on_start_names_the_new_server(farm: Farm) -> None:
 
 
 def test_n_configured_with_later_options_is_like_it_for_another_arch(farm: Farm) -> None:
+    # Changed by "The manual, complete on a real host" (2): the clone is another server, so
+    # it no longer copies the nickname (it was "native"); it is named by its PID.
     farm.conf("native.conf", "ARCH=\nUSER=\nRELEASE=\nNICKNAME=native\nDEFINE=A\n")
     r = farm.run("start", "-n", "native", "-a", "aarch64")
     assert r.rc == 0
     (c,) = farm.backend.started
-    assert (c.arch, c.define, c.nickname) == ("arm64", ("A",), "native")
+    assert (c.arch, c.define, c.nickname) == ("arm64", ("A",), "")
 
 
 def test_n_running_with_other_arch_is_a_new_server_named_by_pid(farm: Farm) -> None:
@@ -620,3 +622,319 @@ def test_naming_a_running_servers_own_release_again_is_the_same_server(farm: Far
     r = farm.run("start", "-a", "x86_64", "-r", "6.1.0-test", "-n", "x")
     assert r.rc == 0
     assert len(farm.backend.started) == 1  # no second server with "-r R -r R"
+
+
+# --------------------------------------------------------------------------- the manual, complete
+# Issue "The manual, complete on a real host".
+
+
+def test_c_twice_the_last_file_wins(farm: Farm) -> None:
+    first = farm.root / "first.conf"
+    first.write_text("STAP_USER=first\nLOG_FILE=/first/log\n")
+    last = farm.root / "last.conf"
+    last.write_text("STAP_USER=last\n")
+    r = farm.run("start", "-c", str(first), "-c", str(last))
+    assert (r.rc, r.err) == (0, "")
+    (c,) = farm.backend.started
+    # the default global file is still read first (its LOG_FILE), then only the last -c
+    assert (c.user, c.log) == ("last", farm.log_file)
+
+
+def test_c_twice_an_earlier_missing_file_is_not_read(farm: Farm) -> None:
+    last = farm.root / "last.conf"
+    last.write_text("STAP_USER=last\n")
+    r = farm.run("start", "-c", "/nonexistent/first.conf", "-c", str(last))
+    assert (r.rc, r.err) == (0, "")
+    assert farm.backend.started[0].user == "last"
+    r = farm.run("start", "-c", str(last), "-c", "/nonexistent/last.conf", "-a", "arm64")
+    assert r.rc == 1 and "/nonexistent/last.conf: no such configuration file" in r.err
+
+
+def test_clone_of_a_configured_server_is_named_by_its_pid(farm: Farm) -> None:
+    farm.conf("native.conf", "NICKNAME=native\nDEFINE=A\n")
+    assert farm.run("start").rc == 0
+    r = farm.run("start", "-n", "native", "-a", "arm64")
+    assert r.rc == 0 and '-n "native"' not in r.out
+    native, clone = farm.backend.started
+    assert (native.nickname, clone.nickname, clone.define) == ("native", "", ("A",))
+    status = farm.run("status", "-n", "native")
+    assert status.rc == 0 and status.out.count("running as PID") == 1
+    assert farm.run("stop", "-n", "native").rc == 0
+    assert [s.pid for s in farm.backend.servers.values()] == [1001]
+    assert farm.run("stop", "-n", "1001").rc == 0 and farm.backend.servers == {}
+
+
+def test_configured_server_named_with_its_own_values_keeps_its_nickname(farm: Farm) -> None:
+    farm.conf("native.conf", "NICKNAME=native\nPORT=5001\n")
+    r = farm.run("start", "-n", "native", "-r", "6.1.0-test", "--port", "5001")
+    assert r.rc == 0 and farm.backend.started[0].nickname == "native"
+
+
+def test_two_conf_files_with_one_nickname_are_refused_naming_both(farm: Farm) -> None:
+    a = farm.conf("a.conf", "NICKNAME=twin\n")
+    b = farm.conf("b.conf", "ARCH=arm64\nNICKNAME=twin\n")
+    farm.conf("c.conf", "NICKNAME=other\n")
+    r = farm.run("start")
+    assert r.rc == 1
+    assert [c.nickname for c in farm.backend.started] == ["other"]
+    assert r.out.count("FAILED") == 2 and r.out.count("OK") == 1
+    assert r.err == (f"stap-server: {a}:1: NICKNAME 'twin' is also set in {b}:2 "
+                     "(a nickname names one server)\n"
+                     f"stap-server: {b}:2: NICKNAME 'twin' is also set in {a}:1 "
+                     "(a nickname names one server)\n")
+    r = farm.run("start", "-n", "twin")
+    assert r.rc == 1 and f"{a}:1:" in r.err and f"{b}:2" in r.err
+    assert len(farm.backend.started) == 1  # not a new server named twin
+
+
+MANUAL_I386 = "ARCH=i386\nRELEASE=2.6.18-128.el5\nPORT=5001\nLOG=/path/to/log/file\n"
+
+
+def test_manual_i386_example_fails_alone_and_the_others_work(farm: Farm) -> None:
+    farm.conf("good.conf", "NICKNAME=good\n")
+    bad = farm.conf("specific.conf", MANUAL_I386)
+    farm.conf("z.conf", "ARCH=arm64\n")
+    r = farm.run("start")
+    assert r.rc == 1
+    assert r.out == (f"Starting stap-server {opts(farm, nick='good')}\nOK\n"
+                     'Starting stap-server -a "i386" -r "2.6.18-128.el5" -u "alice" '
+                     '--log "/path/to/log/file" --port "5001"\nFAILED\n'
+                     f"Starting stap-server {opts(farm, arch='arm64')}\nOK\n")
+    assert r.err == (f"stap-server: {bad}:1: ARCH: unknown architecture 'i386' "
+                     "(supported: arm64, x86_64)\n")
+    assert [c.nickname for c in farm.backend.started] == ["good", ""]
+    assert farm.run("status", "-n", "good") == Result(
+        0, f"stap-server {opts(farm, nick='good')} running as PID 1000\n", "")
+    r = farm.run("stop", "-n", "good")
+    assert (r.rc, r.err) == (0, "") and [s.pid for s in farm.backend.servers.values()] == [1001]
+
+
+def test_status_without_arguments_lists_running_and_warns_about_bad_files(farm: Farm) -> None:
+    farm.conf("good.conf", "NICKNAME=good\n")
+    assert farm.run("start").rc == 0
+    bad = farm.conf("specific.conf", MANUAL_I386)
+    r = farm.run("status")
+    assert r.rc == 0
+    assert r.out == f"stap-server {opts(farm, nick='good')} running as PID 1000\n"
+    assert r.err == (f"stap-server: warning: {bad}:1: ARCH: unknown architecture 'i386' "
+                     "(supported: arm64, x86_64)\n")
+    farm.run("stop")
+    r = farm.run("status")
+    assert r.rc == 3 and r.err.startswith("stap-server: warning: ")
+
+
+def test_syntax_errors_in_a_conf_name_file_and_line_and_others_start(farm: Farm) -> None:
+    bad = farm.conf("a.conf", "NICKNAME=broken\n  PORT=5001\nARHC=x\n")
+    farm.conf("b.conf", "NICKNAME=fine\n")
+    r = farm.run("start")
+    assert r.rc == 1 and [c.nickname for c in farm.backend.started] == ["fine"]
+    assert r.out.startswith(f'Starting stap-server -a "x86_64" -r "6.1.0-test" -u "alice" '
+                            f'-n "broken" --log "{farm.log_file}"\nFAILED\n')
+    assert r.err.splitlines() == [
+        (f'stap-server: {bad}:2: invalid input "  PORT=5001": expected VARIABLE=VALUE '
+         "(no spaces around the name; this is not a shell script)"),
+        f"stap-server: {bad}:3: unknown variable 'ARHC' (did you mean ARCH?)"]
+    # naming the bad server says why, naming the good one ignores the bad file
+    r = farm.run("start", "-n", "broken")
+    assert r.rc == 1 and f"{bad}:2: invalid input" in r.err and r.out == ""
+    assert farm.run("status", "-n", "fine") == Result(
+        0, f"stap-server {opts(farm, nick='fine')} running as PID 1000\n", "")
+
+
+def test_unknown_nickname_warns_about_a_bad_file_that_may_be_it(farm: Farm) -> None:
+    bad = farm.conf("a.conf", "not a line\n")
+    r = farm.run("stop", "-n", "ghost")
+    assert (r.rc, r.out) == (1, "No configuration found for the nickname 'ghost'\nFAILED\n")
+    assert r.err == (f'stap-server: warning: {bad}:1: invalid input "not a line": '
+                     "expected VARIABLE=VALUE\n")
+
+
+@pytest.mark.parametrize("action", ["force-reload", "restart"])
+def test_restart_family_reports_a_bad_file_in_its_place(farm: Farm, action: str) -> None:
+    farm.conf("a.conf", MANUAL_I386)
+    farm.conf("b.conf", "NICKNAME=b\n")
+    r = farm.run(action)
+    assert r.rc == 1 and "FAILED" in r.out and [c.nickname for c in farm.backend.started] == ["b"]
+
+
+def test_config_path_that_cannot_be_listed(farm: Farm) -> None:
+    farm.config_path.write_text("")
+    r = farm.run("status")
+    assert r.rc == 3 and r.err == f"stap-server: warning: {farm.config_path}: CONFIG_PATH is " \
+                                   "not a directory\n"
+    r = farm.run("start")
+    assert r.rc == 1 and "CONFIG_PATH is not a directory" in r.err and farm.backend.calls[-1] == (
+        "list", None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["start", "--port", "9" * 5000], ("--port: '99999999999999999999...99999999 (5000 "
+                                       "characters)' is not a port number (0-65535)")),
+    (["start", "--port=065536"], "--port: '065536' is not a port number (0-65535)"),
+    (["start", "--max-threads", "1025"], "--max-threads: '1025' is not a thread count (0-1024)"),
+    (["start", "--max-threads", "1" * 4400], "--max-threads: '"),
+    (["start", "--max-request-size", str((1 << 30) + 1)],
+     "--max-request-size: '1073741825' is not a size in bytes (1-1073741824, i.e. at most 1 GiB)"),
+    (["start", "--max-compressed-request", "7" * 9000], "--max-compressed-request: '"),
+    (["stop", "-p", "1" * 5000], "-p: '"),
+    (["stop", "-p", "4194305"], "-p: '4194305' is not a process id (1-4194304)"),
+    (["start", "--port", "٣"], "--port: '٣' is not a port number"),
+])
+def test_numbers_are_bounded_with_the_limit_named(farm: Farm, argv: list[str],
+                                                  message: str) -> None:
+    r = farm.run(*argv)
+    assert r.rc == 2 and farm.backend.calls == []
+    assert r.err.splitlines()[0].startswith(f"stap-server: {message}")
+
+
+def test_huge_numbers_in_a_conf_fail_that_server_only(farm: Farm) -> None:
+    bad = farm.conf("a.conf", f"PORT={'9' * 5000}\nMAXTHREADS={'1' * 4400}\n"
+                              f"MAXREQSIZE={'2' * 4400}\nMAXCOMPRESSEDREQ=1073741825\n")
+    farm.conf("b.conf", "NICKNAME=b\n")
+    r = farm.run("start")
+    assert r.rc == 1 and [c.nickname for c in farm.backend.started] == ["b"]
+    lines = r.err.splitlines()
+    assert [ln.split(": ")[1] for ln in lines] == [f"{bad}:{n}" for n in (1, 2, 3, 4)]
+    assert "(0-65535)" in lines[0] and "(0-1024)" in lines[1] and "1 GiB" in lines[3]
+
+
+def test_cpus_beyond_the_cap_is_a_config_error(farm: Farm) -> None:
+    farm.global_file.write_text(farm.global_file.read_text() + "CPUS=1e308\n")
+    r = farm.run("start")
+    assert r.rc == 1 and farm.backend.calls == []
+    assert r.err == (f"stap-server: {farm.global_file}:7: CPUS: '1e308' is not a CPU count "
+                     "(0 = all, else 0.01-1024)\n")
+
+
+def _strict_main(farm: Farm, *argv: str) -> tuple[int, bytes, bytes]:
+    """main() writing to strict UTF-8 streams, as a real terminal's would be."""
+    out_b, err_b = io.BytesIO(), io.BytesIO()
+    out = io.TextIOWrapper(out_b, encoding="utf-8", errors="strict", write_through=True)
+    err = io.TextIOWrapper(err_b, encoding="utf-8", errors="strict", write_through=True)
+    rc = cli.main(list(argv), environ=farm.environ, stdout=out, stderr=err,
+                  backend=farm.backend, host=farm.host)
+    out.flush()
+    err.flush()
+    return rc, out_b.getvalue(), err_b.getvalue()
+
+
+def test_non_utf8_values_are_refused_and_printed_escaped(farm: Farm) -> None:
+    nick = b"caf\xe9".decode("utf-8", "surrogateescape")  # argv as Python decodes it
+    rc, out, err = _strict_main(farm, "start", "-n", nick)
+    assert (rc, out) == (2, b"")
+    assert err.startswith(b"stap-server: -n: 'caf\\xe9' is not valid UTF-8 text")
+    assert farm.backend.calls == []
+    rc, out, err = _strict_main(farm, "st\udcffart")
+    assert rc == 2 and err.startswith(b"stap-server: unknown action 'st\\xffart'")
+    rc, _, err = _strict_main(farm, "status", "-c", "/nonexistent/\udcff.conf")
+    assert rc == 1 and err == b"stap-server: /nonexistent/\\xff.conf: no such configuration file\n"
+
+
+def test_a_conf_file_name_that_is_not_utf8(farm: Farm) -> None:
+    farm.conf("b.conf", "NICKNAME=b\n")
+    with open(os.fsencode(farm.config_path) + b"/\xff.conf", "w") as f:
+        f.write("NICKNAME=odd\n")
+    rc, out, err = _strict_main(farm, "start")
+    assert rc == 1 and [c.nickname for c in farm.backend.started] == ["b"]
+    assert err.endswith(b"/\\xff.conf: the file name is not valid UTF-8 (rename it)\n")
+    assert b"FAILED" in out
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a\rb", "a\0b"])
+def test_values_with_line_breaks_are_refused(farm: Farm, value: str) -> None:
+    r = farm.run("start", "-n", value)
+    assert r.rc == 2 and farm.backend.calls == []
+    assert r.err.startswith("stap-server: -n: the value contains a line break or a NUL")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["start", "-n", ""], "option -n needs a nickname, not an empty value"),
+    (["start", "-r", ""], "option -r needs a kernel release or build tree, not an empty value"),
+    (["start", "-I", ""], "option -I needs a directory, not an empty value"),
+    (["start", "-R", ""], "option -R needs a directory, not an empty value"),
+    (["start", "-B", ""], "option -B needs a 'make' option, not an empty value"),
+    (["start", "-u", ""], "option -u needs a user name, not an empty value"),
+    (["start", "-c", ""], "option -c needs a file name, not an empty value"),
+    (["stop", "-n", ""], "option -n needs a nickname, not an empty value"),
+    (["start", "--ssl="], "--ssl needs a non-empty path"),
+    (["start", "--log", ""], "--log needs a non-empty path"),
+])
+def test_empty_values_are_usage_errors(farm: Farm, argv: list[str], message: str) -> None:
+    r = farm.run(*argv)
+    assert (r.rc, r.out) == (2, "") and farm.backend.calls == []
+    assert r.err == (f"stap-server: {message}\n"
+                     "Try 'stap-server --help' for more information.\n")
+
+
+def test_deleted_working_directory(farm: Farm, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+
+    def run(*argv: str) -> Result:
+        out, err = io.StringIO(), io.StringIO()
+        rc = cli.main(list(argv), environ=farm.environ, stdout=out, stderr=err,
+                      backend=farm.backend)  # the real Host.current()
+        return Result(rc, out.getvalue(), err.getvalue())
+
+    assert run("status").rc == 3
+    r = run("start", "-I", "tapsets")
+    assert (r.rc, farm.backend.started) == (1, [])
+    assert r.err == ("stap-server: -I tapsets: a relative path, and the working directory no "
+                     "longer exists (give an absolute path)\n")
+    assert run("start", "-c", "my.conf").rc == 1
+    assert run("start", "--log", "x.log").rc == 1
+    r = run("start", "-I", "/abs/tapsets", "-u", "root-not")
+    assert r.rc == 1 and "no such user" in r.err  # the real user database
+
+
+# --------------------------------------------------------------------------- -u USER
+
+
+def test_u_user_in_the_group_as_supplementary_or_primary(farm: Farm) -> None:
+    assert farm.run("start", "-u", "bob").rc == 0
+    assert farm.run("start", "-u", "stap-server", host=farm.as_root()).rc == 0
+    assert [c.user for c in farm.backend.started] == ["bob", "stap-server"]
+
+
+@pytest.mark.parametrize("user, message", [
+    ("nosuch", "-u nosuch: no such user"),
+    ("mallory", ("-u mallory: user 'mallory' is not a member of the 'stap-server' group "
+                 "(usermod -a -G stap-server mallory)")),
+])
+def test_u_user_must_exist_and_be_in_the_group(farm: Farm, user: str, message: str) -> None:
+    for action in ("start", "restart", "force-reload", "condrestart"):
+        r = farm.run(action, "-u", user)
+        assert (r.rc, r.out, r.err) == (1, "", f"stap-server: {message}\n")
+    assert farm.backend.calls == []  # checked before anything is started (or even listed)
+
+
+def test_u_without_a_stap_server_group(farm: Farm) -> None:
+    del farm.host.accounts.groups["stap-server"]  # type: ignore[attr-defined]
+    r = farm.run("start", "-u", "bob")
+    assert r.rc == 1 and r.err == ("stap-server: -u bob: there is no 'stap-server' group on "
+                                   "this host (scripts/setup.sh creates it)\n")
+
+
+def test_u_is_not_checked_to_stop_or_report(farm: Farm) -> None:
+    farm.backend.add(config(farm, user="gone"), pid=7)
+    assert farm.run("status", "-u", "gone").rc == 0
+    r = farm.run("stop", "-u", "gone")
+    assert r.rc == 0 and [s.pid for s in farm.backend.stopped] == [7]
+
+
+def test_undecodable_bytes_show_as_hex_on_any_terminal(farm: Farm) -> None:
+    for errors in ("backslashreplace", "strict"):  # sys.stderr's, a UTF-8 terminal's
+        err_b = io.BytesIO()
+        err = io.TextIOWrapper(err_b, encoding="utf-8", errors=errors, write_through=True)
+        assert cli.main(["st\udcffart"], environ=farm.environ, stdout=io.StringIO(),
+                        stderr=err, backend=farm.backend, host=farm.host) == 2
+        assert err_b.getvalue().startswith(b"stap-server: unknown action 'st\\xffart'")
+    out_b = io.BytesIO()  # a terminal that is not UTF-8 at all
+    out = io.TextIOWrapper(out_b, encoding="ascii", errors="strict", write_through=True)
+    assert cli.main(["start", "-n", "caf\u00e9"], environ=farm.environ, stdout=out,
+                    stderr=io.StringIO(), backend=farm.backend, host=farm.host) == 0
+    assert b'-n "caf\\xe9"' in out_b.getvalue()
+    assert farm.backend.started[0].nickname == "caf\u00e9"

@@ -10,16 +10,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from farm import statfile
+from farm.backend import RunningServer
 from farm.config import (
+    Account,
+    Group,
     Host,
     ServerDraft,
+    SystemAccounts,
+    bounded_int,
     decode_config_bytes,
     default_global,
     load_global,
     load_server_configs,
     parse_global_text,
     parse_server_text,
+    read_config_text,
+    resolve_bad_file,
     resolve_server,
+    server_user_problem,
+    shown,
 )
 from farm.errors import ConfigError, FarmError
 from farm.spec import DEFAULT_MAX_REQUEST_SIZE, GlobalConfig, ServerConfig, Strategy
@@ -134,7 +143,7 @@ def test_all_problems_reported_in_one_pass_with_file_and_line() -> None:
         "/c/a.conf:1: unknown variable 'ARHC' (did you mean ARCH?)",
         "/c/a.conf:2: PORT: 'abc' is not a port number (0-65535)",
         '/c/a.conf:3: invalid input "not a line": expected VARIABLE=VALUE',
-        "/c/a.conf:4: MAXTHREADS: '-1' is not a thread count (0 or more)",
+        "/c/a.conf:4: MAXTHREADS: '-1' is not a thread count (0-1024)",
         "/c/a.conf:5: STRATEGY: 'fast' is not one of auto|native|cross|emulated",
         "/c/a.conf:6: ARCH is not an array; write ARCH=arm64",
     ]
@@ -151,7 +160,7 @@ def test_indented_assignment_is_explained() -> None:
 
 @pytest.mark.parametrize("line, needle", [
     ("PORT=70000", "PORT: '70000' is not a port number"),
-    ("MAXREQSIZE=0", "MAXREQSIZE: '0' is not a size in bytes (1 or more)"),
+    ("MAXREQSIZE=0", "MAXREQSIZE: '0' is not a size in bytes (1-1073741824, i.e. at most 1 GiB)"),
     ("MAXCOMPRESSEDREQ=1k", "MAXCOMPRESSEDREQ: '1k' is not a size in bytes"),
     ("USER=root", "USER=root: a compile server never runs as root"),
     ("LOG=relative/log", "LOG: 'relative/log' is not an absolute path"),
@@ -175,20 +184,25 @@ def test_not_utf8_names_the_line() -> None:
 
 
 def test_load_server_configs_sorted_and_problems_of_every_file(tmp_path: Path) -> None:
+    # Changed by "The manual, complete on a real host" (3): bad files are returned beside
+    # the good ones (in file-name order) instead of one ConfigError for all.
     (tmp_path / "b.conf").write_text("NICKNAME=b\n")
     (tmp_path / "a.conf").write_text("NICKNAME=a\n")
     (tmp_path / "notes.txt").write_text("garbage\n")
-    assert [d.nickname for d in load_server_configs(str(tmp_path))] == ["a", "b"]
+    assert [d.nickname for d in load_server_configs(str(tmp_path)).good] == ["a", "b"]
     (tmp_path / "c.conf").write_text("PORT=x\n")
     (tmp_path / "d.conf").write_text("BAD\n")
-    with pytest.raises(ConfigError) as e:
-        load_server_configs(str(tmp_path))
-    assert [p.split(":")[0] for p in e.value.problems] == [
+    files = load_server_configs(str(tmp_path))
+    assert [d.nickname for d in files.good] == ["a", "b"]
+    assert [b.path for b in files.bad] == [str(tmp_path / "c.conf"), str(tmp_path / "d.conf")]
+    assert [p.split(":")[0] for b in files.bad for p in b.problems] == [
         str(tmp_path / "c.conf"), str(tmp_path / "d.conf")]
+    assert [type(e).__name__ for e in files.entries] == [
+        "ServerDraft", "ServerDraft", "BadServerFile", "BadServerFile"]
 
 
 def test_missing_config_path_means_no_configured_servers(tmp_path: Path) -> None:
-    assert load_server_configs(str(tmp_path / "nope")) == []
+    assert load_server_configs(str(tmp_path / "nope")).entries == ()
 
 
 def test_config_path_that_is_a_file(tmp_path: Path) -> None:
@@ -251,17 +265,23 @@ def test_global_errors_in_one_pass() -> None:
     assert "STAP_USER=root" in p[7]
 
 
-def test_load_global_order_default_file_then_c_files(tmp_path: Path) -> None:
+def test_load_global_order_default_file_then_the_last_c_file(tmp_path: Path) -> None:
+    # Changed by "The manual, complete on a real host" (1): of several -c files only the
+    # last is read (stap-server(8): OPT_CONFIG_FILE, the last one wins); c1 was read too.
     default = tmp_path / "default"
     default.write_text("CONFIG_PATH=/one\nLOG_FILE=/one/log\n")
     c1 = tmp_path / "c1"
-    c1.write_text("CONFIG_PATH=/two\n")
+    c1.write_text("CONFIG_PATH=/two\nSTAT_PATH=/two/run\n")
     c2 = tmp_path / "c2"
     c2.write_text("CONFIG_PATH=/three\n")
     env = {"STAPFARM_CONFIG_FILE": str(default), "HOME": str(tmp_path)}
     g = load_global([str(c1), str(c2)], env, euid=1000)
     assert (g.config_path, g.log_file) == ("/three", "/one/log")
-    assert g.sources == (str(default), str(c1), str(c2))
+    assert g.stat_path != "/two/run"
+    assert g.sources == (str(default), str(c2))
+    # an earlier -c is not even opened
+    assert load_global([str(tmp_path / "absent"), str(c2)], env, euid=1000).sources == (
+        str(default), str(c2))
 
 
 def test_load_global_missing_default_is_fine_missing_c_file_is_not(tmp_path: Path) -> None:
@@ -379,3 +399,147 @@ def test_global_endpoint_errors() -> None:
     assert [x.split(":")[1] for x in p] == ["1", "2", "3", "4", "5"]
     assert "ENDPOINT_OFFER: 'sparc:1' is not ARCH or ARCH:RELEASE" in p[2]
     assert "ENDPOINT_PROVISION: 'perhaps' is not yes or no" in p[1]
+
+
+# --------------------------------------------------------------------------- the manual, complete
+# Issue "The manual, complete on a real host".
+
+
+def test_duplicate_nicknames_make_both_files_bad_naming_each_other(tmp_path: Path) -> None:
+    (tmp_path / "a.conf").write_text("NICKNAME=twin\n")
+    (tmp_path / "b.conf").write_text("PORT=x\n# c\nNICKNAME=twin\n")
+    (tmp_path / "c.conf").write_text("NICKNAME=solo\n")
+    files = load_server_configs(str(tmp_path))
+    a, b = (str(tmp_path / n) for n in ("a.conf", "b.conf"))
+    assert [d.nickname for d in files.good] == ["solo"]
+    bad_a, bad_b = files.bad
+    assert (bad_a.nickname, bad_b.nickname) == ("twin", "twin")
+    assert bad_a.problems == ((f"{a}:1: NICKNAME 'twin' is also set in {b}:3 "
+                               "(a nickname names one server)"),)
+    assert bad_b.problems[-1] == (f"{b}:3: NICKNAME 'twin' is also set in {a}:1 "
+                                  "(a nickname names one server)")
+    assert bad_b.problems[0].startswith(f"{b}:1: PORT: 'x'")
+
+
+def test_bad_file_keeps_what_it_says_for_display(tmp_path: Path) -> None:
+    (tmp_path / "s.conf").write_text("ARCH=i386\nRELEASE=a\nRELEASE+=b\nDEFINE=X\nDEFINE=\n"
+                                     "NICKNAME=\nPORT=5001\n")
+    (bad,) = load_server_configs(str(tmp_path)).bad
+    assert bad.nickname is None
+    assert bad.written == (("ARCH", ("i386",)), ("RELEASE", ("a", "b")), ("PORT", ("5001",)))
+    shown_defaults = resolve_bad_file(bad, G, HOST)
+    assert shown_defaults.value("ARCH") == ("i386",)
+    assert (shown_defaults.value("USER"), shown_defaults.value("LOG")) == (("alice",), ("/l/log",))
+
+
+@pytest.mark.parametrize("text, lo, hi, expected", [
+    ("0", 0, 65535, 0), ("65535", 0, 65535, 65535), ("65536", 0, 65535, None),
+    ("0005001", 0, 65535, 5001), ("0" * 5000 + "7", 0, 9, 7), ("9" * 5000, 0, 65535, None),
+    ("", 0, 9, None), ("-1", 0, 9, None), ("+1", 0, 9, None), (" 1", 0, 9, None),
+    ("٣", 0, 9, None), ("1e3", 0, 5000, None), ("0", 1, 9, None),
+])
+def test_bounded_int(text: str, lo: int, hi: int, expected: int | None) -> None:
+    assert bounded_int(text, lo, hi) == expected
+
+
+def test_shown_cuts_long_values() -> None:
+    assert shown("short") == "short"
+    assert shown("x" * 5000) == "x" * 20 + "..." + "x" * 8 + " (5000 characters)"
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("PORT=" + "9" * 5000, ("PORT: '99999999999999999999...99999999 (5000 characters)' is "
+                            "not a port number (0-65535)")),
+    ("MAXTHREADS=1025", "MAXTHREADS: '1025' is not a thread count (0-1024)"),
+    ("MAXTHREADS=" + "1" * 4400, "is not a thread count (0-1024)"),
+    ("MAXREQSIZE=1073741825", "is not a size in bytes (1-1073741824, i.e. at most 1 GiB)"),
+    ("MAXCOMPRESSEDREQ=" + "5" * 4301, "is not a size in bytes (1-1073741824"),
+])
+def test_server_numbers_are_bounded(line: str, needle: str) -> None:
+    (msg,) = problems(line + "\n")
+    assert msg.startswith("f.conf:1: ") and needle in msg
+
+
+def test_server_numbers_at_their_limits() -> None:
+    d = parse_server_text("PORT=65535\nMAXTHREADS=1024\nMAXREQSIZE=1073741824\n", "f")
+    assert (d.port, d.max_threads, d.max_request_size) == (65535, 1024, 1 << 30)
+
+
+@pytest.mark.parametrize("line, ok", [
+    ("CPUS=0", True), ("CPUS=0.01", True), ("CPUS=1024", True), ("CPUS=1.5", True),
+    ("CPUS=1e308", False), ("CPUS=1025", False), ("CPUS=0.001", False), ("CPUS=nan", False),
+    ("CPUS=inf", False), ("CPUS=-1", False),
+    ("PIDS_LIMIT=" + "9" * 5000, False), ("PIDS_LIMIT=4194304", True),
+    ("ENDPOINT_PORT=" + "9" * 5000, False),
+])
+def test_global_numbers_are_bounded(line: str, ok: bool) -> None:
+    try:
+        parse_global_text(line + "\n", "g", G, {}, 1000)
+        assert ok
+    except ConfigError as e:
+        assert not ok, e
+        (msg,) = e.problems
+        assert msg.startswith("g:1: ") and len(msg) < 200
+        if line.startswith("CPUS"):
+            assert "(0 = all, else 0.01-1024)" in msg
+
+
+def test_read_config_text_refuses_a_nul_name_and_a_huge_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        read_config_text("/tmp/a\0b")
+    with pytest.raises(ConfigError, match="larger than 1048576 bytes"):
+        read_config_text("/dev/zero")
+    big = tmp_path / "big"
+    big.write_text("# x\n" * 300000)
+    with pytest.raises(ConfigError, match="larger than"):
+        read_config_text(str(big))
+
+
+class _Accounts:
+    def __init__(self, users: dict[str, int], groups: dict[str, tuple[int, tuple[str, ...]]]
+                 ) -> None:
+        self.users, self.groups = users, groups
+
+    def user(self, name: str) -> Account | None:
+        return Account(name, self.users[name]) if name in self.users else None
+
+    def group(self, name: str) -> Group | None:
+        g = self.groups.get(name)
+        return Group(name, g[0], g[1]) if g else None
+
+
+def test_server_user_problem() -> None:
+    accounts = _Accounts({"prim": 155, "supp": 100, "out": 100},
+                         {"stap-server": (155, ("supp",))})
+    assert server_user_problem("prim", accounts) is None
+    assert server_user_problem("supp", accounts) is None
+    assert server_user_problem("out", accounts) == (
+        "-u out: user 'out' is not a member of the 'stap-server' group "
+        "(usermod -a -G stap-server out)")
+    assert server_user_problem("nobody-x", accounts) == "-u nobody-x: no such user"
+    assert "no 'stap-server' group" in (server_user_problem("prim", _Accounts({"prim": 1}, {}))
+                                        or "")
+
+
+def test_system_accounts_read_the_host_databases() -> None:
+    root = pwd.getpwuid(0)
+    assert SystemAccounts().user(root.pw_name) == Account(root.pw_name, root.pw_gid)
+    for name in ("no-such-user-stapfarm", "a\0b", "\udcff", ""):
+        assert SystemAccounts().user(name) is None
+        assert SystemAccounts().group(name) is None
+
+
+def test_host_current_in_a_deleted_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    def gone() -> str:
+        raise FileNotFoundError(2, "No such file or directory")
+    monkeypatch.setattr("farm.config.os.getcwd", gone)
+    assert Host.current().cwd == ""
+
+
+def test_stat_file_with_a_non_utf8_path_is_written_as_its_bytes(tmp_path: Path) -> None:
+    log = "/logs/\udcff"  # from the environment: bytes decoded with surrogateescape
+    c = ServerConfig(arch="x86_64", user="u", log=log)
+    run = tmp_path / "run"
+    statfile.sync(str(run), [RunningServer(config=c, pid=5, port=1, container="c", running=True)])
+    assert b"LOG=/logs/\xff\n" in (run / "5.stat").read_bytes()
+    statfile.sync(str(run), [RunningServer(config=c, pid=5, port=1, container="c", running=True)])

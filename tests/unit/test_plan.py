@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from farm.backend import RunningServer
+from farm.config import BadServerFile
 from farm.plan import (
     Action,
     PlannedStep,
@@ -135,3 +136,16 @@ def test_needs_defaults() -> None:
     assert needs_defaults(Action.FORCE_RELOAD, None, [srv(X86, 1)])
     assert not needs_defaults(Action.STOP, None, [])
     assert Action.RESTART.start_like and not Action.CONDRESTART.start_like
+
+
+BAD = BadServerFile("/c/bad.conf", ("/c/bad.conf:1: ARCH: unknown architecture 'i386'",),
+                    written=(("ARCH", ("i386",)),))
+
+
+def test_start_reports_a_bad_file_in_its_place_and_starts_the_others() -> None:
+    steps = plan(Action.START, None, [], [X86, BAD, ARM])
+    assert kinds(steps) == [Step.START, Step.INVALID, Step.START]
+    assert steps[1] == PlannedStep(Step.INVALID, invalid=BAD)
+    assert kinds(plan(Action.FORCE_RELOAD, None, [srv(X86, 1)], [BAD, X86])) == [
+        Step.STOP, Step.INVALID, Step.START]
+    assert kinds(plan(Action.RESTART, None, [], [BAD])) == [Step.NOTHING_TO_STOP, Step.INVALID]
