@@ -21,10 +21,10 @@ KERNEL_FLAGS ?=
 TRUST_DIR ?= /var/lib/stapfarm/trust
 SS := .venv/bin/stap-server
 # newest tree of target $$1 in the x86_64 image's volume (by the headers package's version)
-NEWEST_TREE = $(PY) -c 'import functools as f, json, sys; from farm.debian import compare_versions as c; \
-  v = lambda t: t["packages"].get("linux-headers-" + t["release"], "0"); \
+NEWEST_TREE = $(PY) -c 'import json, sys; from debian.debian_support import Version; \
+  v = lambda t: Version(t["packages"].get("linux-headers-" + t["release"], "0")); \
   ts = [t for t in json.load(sys.stdin) if t["arch"] == sys.argv[1] and t["image_arch"] == "x86_64"]; \
-  print(max(ts, key=f.cmp_to_key(lambda a, b: c(v(a), v(b))))["release"] if ts else "")'
+  print(max(ts, key=v)["release"] if ts else "")'
 
 up: setup
 	@set -e; prefix=$${STAPFARM_PREFIX:-stapfarm}; \
@@ -60,7 +60,8 @@ up: setup
 	echo "  stap --use-server=$$h:$$ep -a arm64 -r $$arm -p4 -m hello -e 'probe begin { println(\"hello\"); exit() }'"; \
 	echo "  stap --use-server=$$h:$$ep -a x86_64 -r $$x86 -p4 -m hello -e 'probe begin { println(\"hello\"); exit() }'"; \
 	echo; \
-	echo "stapfarm: port $$ep is the farm endpoint (every target, module cache, provisioning); the servers themselves: $$xp (x86_64), $$ap (aarch64)."; \
+	echo "stapfarm: port $$ep is the farm endpoint (every target, module cache, provisioning); it is the one to expose."; \
+	echo "stapfarm: the servers behind it ($$xp x86_64, $$ap aarch64) have their own certificates; trust them only on a trusted network: $(SS) trust -n x86_64 -n aarch64 --export DIR"; \
 	echo; \
 	echo "stapfarm: for docker compose commands in this shell: export STAPFARM_RELEASE_X86_64=$$x86 STAPFARM_RELEASE_ARM64=$$arm STAPFARM_HOSTNAME=$$h"
 

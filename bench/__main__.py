@@ -118,6 +118,8 @@ def run(args: argparse.Namespace, docker_client: Any, res: dict[str, Any]) -> No
                 authorize_cert(env.client, env.farm.cert())
         res["endpoint"] = {"start_seconds": round(measure.start_endpoint(env), 3),
                            "port": env.endpoint_port}
+        assert env.farm is not None
+        authorize_cert(env.client, env.farm.farm_cert())  # the farm's identity (endpoint)
         time.sleep(3 if quick else 5)
         res["memory"] = {"idle": measure.memory(env)}
         say(f"idle memory: {res['memory']['idle']}")

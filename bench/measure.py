@@ -12,7 +12,8 @@ from typing import Any
 
 from bench import runs
 from bench.env import PREFIX, UPSTREAM_KIND, BenchEnv, say
-from farm import dockerclient, endpoint_service, labels, tlsprobe
+from farm import dockerclient, labels, tlsprobe
+from farm.endpoint import service as endpoint_service
 from farm.errors import ServerError
 
 HELLO = 'probe begin { println("hello"); exit() }'

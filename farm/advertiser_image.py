@@ -52,14 +52,16 @@ def server_images_allow_expired(client: Any, gcfg: GlobalConfig, arch: Arch) -> 
 
 
 def _sources(package: Path) -> list[Path]:
-    return sorted(p for p in package.iterdir() if p.suffix == ".py" and p.is_file())
+    """The package's modules, sub-packages included, relative to PACKAGE."""
+    return sorted(p.relative_to(package) for p in package.rglob("*.py") if p.is_file()
+                  and "__pycache__" not in p.parts)
 
 
 def inputs_hash(dockerfile: Path, package: Path, args: dict[str, str]) -> str:
     """Hash of the Dockerfile, the farm package's modules and the build arguments."""
     h = hashlib.sha256(dockerfile.read_bytes())
-    for p in _sources(package):
-        h.update(b"\0" + p.name.encode() + b"\0" + p.read_bytes())
+    for rel in _sources(package):
+        h.update(b"\0" + str(rel).encode() + b"\0" + (package / rel).read_bytes())
     for key in sorted(args):
         h.update(f"\0{key}={args[key]}".encode())
     return h.hexdigest()[:16]
@@ -84,9 +86,9 @@ def ensure_image(client: Any, gcfg: GlobalConfig, say: Say = lambda s: None) -> 
     with tempfile.TemporaryDirectory(prefix="stapfarm-advertiser-") as tmp:
         context = Path(tmp)
         shutil.copy(dockerfile, context / DOCKERFILE)
-        (context / "farm").mkdir()
-        for p in _sources(PACKAGE):
-            shutil.copy(p, context / "farm" / p.name)
+        for rel in _sources(PACKAGE):
+            (context / "farm" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(PACKAGE / rel, context / "farm" / rel)
         tail: list[str] = []
         error = ""
         for chunk in client.api.build(path=str(context), dockerfile=DOCKERFILE, tag=tag,

@@ -111,7 +111,7 @@ class DockerBackend:
     def notices(self) -> list[str]:
         """The mDNS advertiser's state and certificates close to expiry (30 days ahead)."""
         from farm.advertiser_image import advertiser_state
-        from farm.endpoint_service import endpoint_state
+        from farm.endpoint.service import endpoint_state
 
         lines = [advertiser_state(self.client, self.prefix)]
         endpoint = endpoint_state(self.client, self.prefix)
@@ -149,7 +149,7 @@ class DockerBackend:
             uid, gid = self._server_user(config.user)
             home = self._prepare_home(config.user, uid, gid)
             log_file = self._prepare_log(config.log, uid, gid)
-            self._ensure_cert(config.ssl or os.path.join(home, CERT_DIR), uid, gid)
+            self.ensure_cert_db(config.ssl or os.path.join(home, CERT_DIR), uid, gid)
         port = config.port or _free_port(self.gcfg.listen_address)
         where = Placement(image=image, kernels_volume=volume_name(self.prefix, plan.image_arch),
                           uid=uid, gid=gid, home_dir=home, log_file=log_file, port=port,
@@ -231,7 +231,7 @@ class DockerBackend:
                               hint="choose a writable --log") from e
         return os.path.abspath(log)
 
-    def _ensure_cert(self, db: str, uid: int, gid: int) -> None:
+    def ensure_cert_db(self, db: str, uid: int, gid: int) -> None:
         """Create (or renew) the certificate database DB before a server uses it, as
         upstream's stap-server does, naming the host as clients will (host, host.local,
         CERT_NAMES); refuse one whose ownership or permissions are unsafe.
@@ -273,7 +273,11 @@ class DockerBackend:
                 labels=self._job_labels())
         except Exception as e:
             raise ServerError(f"creating the certificate database {db} failed: {e}") from e
-        os.chmod(cert, 0o644)  # stap-gen-cert leaves the public certificate 0666
+        # stap-gen-cert (>= 5.1, PR30321) creates the directory 0777 and the certificate 0666
+        # whatever the umask: the database must be private, the certificate readable.
+        os.chmod(db, 0o700)
+        for name in os.listdir(db):
+            os.chmod(os.path.join(db, name), 0o644 if name == "stap.cert" else 0o600)
 
     def _job_labels(self) -> dict[str, str]:
         lab = {labels.OWNER: self.prefix, labels.KIND: "job"}

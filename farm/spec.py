@@ -67,7 +67,7 @@ class GlobalConfig:
     mdns_interfaces: tuple[str, ...] = ()  # () = every LAN interface
     cert_names: tuple[str, ...] = ()  # extra DNS names for server certificates
     modules_dir: str = "/lib/modules"  # what -i scans
-    debian_mirror: str = "http://deb.debian.org/debian"
+    debian_mirror: str = ""  # "" until load_global resolves it from the host's apt sources
     kernel_suites: tuple[str, ...] = ("trixie",)
     apt_allow_expired: bool = False
     memory_limit: str = "2g"
@@ -82,4 +82,17 @@ class GlobalConfig:
     endpoint_cache_size: str = "4g"
     endpoint_max_connections: int = 256
     endpoint_idle_timeout: int = 30  # seconds of silence while a request is read
+    # The endpoint as a trust boundary (docs/reliability.md, "The endpoint as a trust
+    # boundary"): every bound explicit.
+    endpoint_user: str = "stap-endpoint"  # the unprivileged uid of the TLS front door
+    endpoint_policy: tuple[str, ...] = ()  # allowances: allow-guru, allow-absolute-paths
+    endpoint_metrics_address: str = "127.0.0.1"
+    endpoint_max_per_source: int = 32  # open connections from one client address
+    endpoint_write_timeout: int = 60  # seconds a client may take to read one answer
+    endpoint_queue_timeout: int = 900  # seconds a request may wait for a build slot
+    endpoint_max_queue: int = 256  # requests waiting for a build slot, all servers
+    endpoint_memory: str = "512m"  # request bytes held in memory at once, all requests
+    endpoint_max_response: str = "64m"  # the largest server response accepted
+    endpoint_provision_idle: int = 14400  # seconds unused before a provisioned server goes
+    endpoint_max_provisioned: int = 8
     sources: tuple[str, ...] = field(default=())  # global files that were read

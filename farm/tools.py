@@ -99,7 +99,7 @@ def _prefix(environ: Mapping[str, str]) -> str:
 
 
 def _mirror(gcfg: GlobalConfig) -> Mirror:
-    return Mirror(gcfg.debian_mirror, kernels.cache_dir(gcfg.state_dir))
+    return Mirror.from_config(gcfg, kernels.cache_dir(gcfg.state_dir))
 
 
 def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
@@ -213,12 +213,18 @@ def trust_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: 
                     raise FarmError(f"No stap-server running as pid {pid}")
                 chosen += match
             servers = chosen
-        if not servers:
-            raise FarmError("no running farm server to trust",
-                            hint="start one with `stap-server start`")
         address = gcfg.listen_address if gcfg.listen_address not in ("0.0.0.0", "::", "") \
             else "127.0.0.1"
-        certs = trust.collect(servers, address)
+        # With the farm endpoint running, the farm's identity is what clients trust: the
+        # servers behind it have keys any compile on them can read (README, Security), so
+        # they are trusted only when named (-n/-p).
+        endpoint = None if ns.nickname or ns.pid else trust.endpoint_cert(
+            backend.client, _prefix(env), address)
+        certs = [endpoint] if endpoint is not None else trust.collect(servers, address)
+        if not certs:
+            raise FarmError("no running farm server or endpoint to trust",
+                            hint="start one with `stap-server start` or `stap-server "
+                                 "endpoint start`")
         host = env.get("STAPFARM_HOSTNAME", "") or socket.gethostname()
         for c in certs:
             print(f"certinfo {c.certinfo}: {', '.join(c.servers)}", file=o)
@@ -267,25 +273,32 @@ def mdns_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: T
 
 def endpoint_action(argv: list[str], environ: Mapping[str, str], out: TextIO,
                     err: TextIO) -> int:
-    """stap-server endpoint {start|stop|status|run} [-c FILE]... [--provision|--no-provision]"""
+    """stap-server endpoint {start|stop|status|run|broker} [-c FILE]... [--provision|...]"""
     p = _Parser(prog="stap-server endpoint",
                 description="The farm endpoint: one TLS address for every target (ENDPOINT_PORT), "
                             "routed by the request, validated, answered from a module cache.")
-    p.add_argument("command", choices=["start", "stop", "status", "run"])
+    p.add_argument("command", choices=["start", "stop", "status", "run", "broker"],
+                   help="run: the front door in the foreground (its container's command); "
+                        "broker: the Docker side in the foreground (its container's command)")
     p.add_argument("-c", dest="config", action="append", help="global configuration file")
     p.add_argument("--provision", dest="provision", action="store_true", default=None,
                    help="start a server for a target nobody serves (default: ENDPOINT_PROVISION)")
     p.add_argument("--no-provision", dest="provision", action="store_false")
+    p.add_argument("--endpoint-ids", default="", help=argparse.SUPPRESS)
 
     def run(ns: argparse.Namespace, gcfg: GlobalConfig, env: Mapping[str, str], o: TextIO,
             e: TextIO) -> int:
-        from farm import endpoint_service as svc
+        from farm.endpoint import service as svc
 
         provision = gcfg.endpoint_provision if ns.provision is None else ns.provision
-        if ns.command == "run":
+        if ns.command in ("run", "broker"):
             logging.basicConfig(stream=e, level=logging.INFO,
                                 format="%(asctime)s %(name)s: %(message)s")
-            svc.run_foreground(gcfg, env, provision=provision)
+            if ns.command == "run":
+                svc.run_frontdoor(gcfg, provision=provision)
+            else:
+                ids = svc.parse_ids(ns.endpoint_ids) if ns.endpoint_ids else svc.Ids.of(gcfg)
+                svc.run_broker(gcfg, env, provision=provision, ids=ids)
             return EXIT_OK
         client = _client(env)
         if ns.command == "start":

@@ -4,6 +4,7 @@ NSS databases stap clients and staprun read (certutil, run from the farm's image
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
@@ -12,9 +13,9 @@ from typing import Any
 
 from OpenSSL import crypto
 
-from farm import tlsprobe
+from farm import labels, tlsprobe
 from farm.backend import RunningServer
-from farm.errors import ServerError
+from farm.errors import FarmError, ServerError
 
 GLOBAL_CLIENT_DB = "/etc/systemtap/ssl/client"
 SIGNER_DB = "/etc/systemtap/staprun"
@@ -57,14 +58,58 @@ def collect(servers: list[RunningServer], address: str = "127.0.0.1") -> list[Se
             for serial, (d, n) in sorted(by_serial.items())]
 
 
+def endpoint_cert(client: Any, prefix: str, address: str = "127.0.0.1") -> ServerCert | None:
+    """The certificate PREFIX's running farm endpoint presents (the farm's identity), read
+    over TLS; None when no endpoint runs.
+
+    Raises:
+        ServerError: it runs but does not answer.
+    """
+    found = client.containers.list(filters={"label": [f"{labels.OWNER}={prefix}",
+                                                      f"{labels.KIND}=endpoint"],
+                                            "status": "running"})
+    if not found:
+        return None
+    port = int(found[0].labels.get(labels.PORT, "0") or 0)
+    cert = tlsprobe.probe(address, port, timeout=10)
+    return ServerCert(der=crypto.dump_certificate(crypto.FILETYPE_ASN1, cert),
+                      serial=cert.get_serial_number(), servers=("endpoint",))
+
+
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*")
+
+
+def check_host(host: str) -> str:
+    """HOST, when it is a DNS name (it is written into file names and a script users run as
+    root).
+
+    Raises:
+        FarmError: anything else (a `/`, a quote, a newline, ...).
+    """
+    if len(host) > 253 or not _HOST.fullmatch(host):
+        raise FarmError(f"host name {host[:80]!r} is not a DNS name; set STAPFARM_HOSTNAME "
+                        "to the name clients use for this host")
+    return host
+
+
 def script_text(host: str) -> str:
+    """The trust script for HOST's farm.
+
+    Raises:
+        FarmError: HOST is not a DNS name.
+    """
     text = resources.files("farm").joinpath("trust_script.sh").read_text()
-    return text.replace("@HOST@", host)
+    return text.replace("@HOST@", check_host(host))
 
 
 def export(certs: list[ServerCert], directory: Path, host: str) -> list[Path]:
     """Write each certificate (DER `.cert`, as stap-authorize-cert takes, and `.pem`), the
-    trust script and instructions into DIRECTORY. Returns the files written."""
+    trust script and instructions into DIRECTORY. Returns the files written.
+
+    Raises:
+        FarmError: HOST is not a DNS name.
+    """
+    check_host(host)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for c in certs:

@@ -6,7 +6,8 @@
 #   - qemu-user-static with binfmt_misc mounted and the aarch64 handler enabled
 #   - debootstrap (base images are bootstrapped when no registry is reachable)
 #   - a virtualenv (.venv) with the package and its test extras
-#   - the stap-server system user and group (the manual's default server user)
+#   - the stap-server system user and group (the manual's default server user), and
+#     stap-endpoint (the farm endpoint's unprivileged front door)
 #   - the server images (rebuilt only when their inputs change)
 # Environment: IMAGE_BUILD_FLAGS (passed to `stap-server images build`), SKIP_IMAGES=1.
 set -euo pipefail
@@ -90,6 +91,19 @@ if ! getent passwd stap-server >/dev/null; then
   useradd --system --gid stap-server --home-dir /var/lib/stap-server --create-home \
     --shell /usr/sbin/nologin --comment "Systemtap Compile Server" stap-server
   log "created user stap-server (uid $(id -u stap-server))"
+fi
+
+# --- endpoint user ---------------------------------------------------------------------------
+# The farm endpoint's front door (the port exposed to clients) runs as this unprivileged user;
+# it owns the farm's identity (STATE_DIR/endpoint) and module cache, nothing else.
+if ! getent passwd stap-endpoint >/dev/null; then
+  is_root || die "the stap-endpoint user is missing (create it as root: make up)"
+  getent group stap-endpoint >/dev/null || { groupadd --system --gid 156 stap-endpoint 2>/dev/null || groupadd --system stap-endpoint; }
+  useradd --system --uid 156 --gid stap-endpoint --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "stapfarm endpoint" stap-endpoint 2>/dev/null ||
+  useradd --system --gid stap-endpoint --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "stapfarm endpoint" stap-endpoint
+  log "created user stap-endpoint (uid $(id -u stap-endpoint))"
 fi
 
 # --- images --------------------------------------------------------------------------------

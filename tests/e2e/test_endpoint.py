@@ -3,7 +3,8 @@ validated, answered from a module cache, provisioning what nobody serves yet.
 
 Real Docker engine, the farm's images and kernel trees, the endpoint in its container on the
 host network, and the Debian 13 `stap` 5.1 client in a container that knows the farm by this
-host's name and trusts it once (the servers' certificate, which the endpoint presents).
+host's name and trusts the farm's identity (the endpoint's certificate; the servers behind it
+have their own, which the client never trusts). The attacks: test_endpoint_attacks.py.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 
 import pytest
 
-from farm import endpoint_service, kernels, labels
+from farm import kernels, labels
 from farm.arch import ARM64, X86_64
+from farm.endpoint import service as endpoint_service
 from tests.conftest import SUITES, KernelTrees, elf_machine
 from tests.support.client import authorize_cert, client_stap, default_host_names, start_client
 from tests.support.farm import Farm, make_farm
@@ -34,6 +36,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 TRACEPOINT = 'probe kernel.trace("sched:sched_switch") { printf("%d\\n", $next->pid); exit() }'
 IDLE_TIMEOUT = 8  # ENDPOINT_IDLE_TIMEOUT of this farm (seconds)
+PROVISION_IDLE = 60  # ENDPOINT_PROVISION_IDLE: provisioned servers unused this long go
 IMAGE_PREFIX = "stapfarm/epserver"  # this module's private tag of the server images
 
 
@@ -106,7 +109,8 @@ def ep(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, st
                   extra=f"IMAGE_PREFIX={IMAGE_PREFIX}\nENDPOINT_PORT={port}\n"
                         f"ENDPOINT_METRICS_PORT={mport}\nENDPOINT_PROVISION=yes\n"
                         f"ENDPOINT_OFFER={target[0]}:{target[1]} x86_64:{rel['x86_64']} "
-                        f"arm64:{rel['arm64']}\nENDPOINT_IDLE_TIMEOUT={IDLE_TIMEOUT}\n")
+                        f"arm64:{rel['arm64']}\nENDPOINT_IDLE_TIMEOUT={IDLE_TIMEOUT}\n"
+                        f"ENDPOINT_PROVISION_IDLE={PROVISION_IDLE}\n")
     try:
         rc, out, err = f.run("start", "-a", "x86_64", "-r", rel["x86_64"], "-n", "epx")
         assert rc == 0, out + err
@@ -117,17 +121,10 @@ def ep(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, st
         rc, out, err = f.run("endpoint", "start")
         assert rc == 0, out + err
         say(f"endpoint start: {time.monotonic() - t0:.1f} s (incl. image check)")
-        authorize_cert(client, f.cert())
+        authorize_cert(client, f.farm_cert())
         yield Endpoint(f, port, mport, target, mirror)
     finally:
-        logs = ""
-        try:
-            c = docker_client.containers.get(endpoint_service.container_name(
-                f.env["STAPFARM_PREFIX"]))
-            logs = c.logs(tail=60).decode("utf-8", "replace")
-        except Exception as e:  # noqa: BLE001 - only for the report below
-            logs = f"(no endpoint log: {e})"
-        say("endpoint log tail:\n" + logs)
+        say(endpoint_logs(docker_client, f.env["STAPFARM_PREFIX"]))
         f.run("endpoint", "stop")
         f.run("stop")
         for arch in ("x86_64", "aarch64"):
@@ -135,6 +132,18 @@ def ep(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, st
                 docker_client.images.remove(f"{IMAGE_PREFIX}:{arch}")
             except Exception as e:  # noqa: BLE001 - already gone
                 say(f"{IMAGE_PREFIX}:{arch} not removed: {e}")
+
+
+def endpoint_logs(docker_client: Any, prefix: str, tail: int = 60) -> str:
+    """The last lines of the endpoint's two containers (for the test's report)."""
+    out = []
+    for name in (endpoint_service.container_name(prefix), endpoint_service.broker_name(prefix)):
+        try:
+            logs = docker_client.containers.get(name).logs(tail=tail).decode("utf-8", "replace")
+        except Exception as e:  # noqa: BLE001 - only for the report
+            logs = f"(no log: {e})"
+        out.append(f"--- {name} (tail):\n{logs}")
+    return "\n".join(out)
 
 
 def test_one_address_compiles_for_both_targets(ep: Endpoint) -> None:
@@ -295,6 +304,14 @@ def test_a_release_nobody_serves_is_provisioned_on_demand(ep: Endpoint,
     _poll("the re-added tree is served", lambda: ep.stap(
         arch, release, ["-m", "fresh", "-e", hello("provisioned")])[0] == 0, 120, step=2)
     assert ep.outcome("built") >= built + 1  # not the cached module of the old tree
+
+    # Unused for ENDPOINT_PROVISION_IDLE seconds, the provisioned server is retired.
+    t0 = time.monotonic()
+    _poll("the idle provisioned server is retired", lambda: not [
+        s for s in ep.farm.status() if s["config"] and s["config"]["releases"] == [release]],
+        PROVISION_IDLE + 90, step=2)
+    say(f"provisioned server retired {time.monotonic() - t0:.0f} s after its last use "
+        f"(ENDPOINT_PROVISION_IDLE={PROVISION_IDLE})")
 
 
 def _answer_mentions(ep: Endpoint, arch: str, release: str, text: str) -> bool:

@@ -14,6 +14,7 @@ from farm.cli import main
 from tests.support.client import authorize_cert, client_stap
 
 CERT = "state/home/stap-server/.systemtap/ssl/server/stap.cert"
+FARM_CERT = "state/endpoint/identity/stap.cert"  # the farm's identity: what the endpoint shows
 
 
 @dataclass
@@ -48,7 +49,12 @@ class Farm:
                                          "-a", arch, "-r", rel, "-p4", *args], files)
 
     def cert(self) -> bytes:
+        """The servers' certificate (the server user's database): direct connections."""
         return (self.root / CERT).read_bytes()
+
+    def farm_cert(self) -> bytes:
+        """The farm's identity (DER): what the endpoint presents and signs with."""
+        return (self.root / FARM_CERT).read_bytes()
 
     def start_trusted(self, nickname: str, arch: str = "x86_64") -> None:
         """`start -a ARCH -r <the farm's release> -n NICKNAME` (asserted OK), then the client
