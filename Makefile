@@ -37,7 +37,7 @@ up: setup
 	echo "stapfarm: releases x86_64 $$x86, aarch64 $$arm"; \
 	$(SS) kernels add -a x86_64 -r "$$x86" $(KERNEL_FLAGS); \
 	$(SS) kernels add -a aarch64 -r "$$arm" $(KERNEL_FLAGS); \
-	$(PY) -c 'from farm import advertiser_image as a, config, dockerclient; import os; \
+	$(PY) -c 'from farm.engine import advertiser as a, docker as dockerclient; from farm.manual import config; import os; \
 	  a.ensure_image(dockerclient.connect(), config.load_global([], os.environ), print)'; \
 	export STAPFARM_PREFIX=$$prefix STAPFARM_RELEASE_X86_64=$$x86 STAPFARM_RELEASE_ARM64=$$arm; \
 	export STAPFARM_HOSTNAME=$${STAPFARM_HOSTNAME:-$$(hostname)}; \
@@ -47,7 +47,7 @@ up: setup
 	docker compose -p $(COMPOSE_PROJECT) up -d; \
 	xp=$${STAPFARM_X86_64_PORT:-5101}; ap=$${STAPFARM_AARCH64_PORT:-5102}; ep=$${STAPFARM_ENDPOINT_PORT:-5100}; \
 	for p in $$xp $$ap $$ep; do end=$$(( $$(date +%s) + 120 )); \
-	  until $(PY) -c 'import sys; from farm import tlsprobe; tlsprobe.probe("127.0.0.1", int(sys.argv[1]), timeout=3.0)' $$p 2>/dev/null; do \
+	  until $(PY) -c 'import sys; from farm.trust import tls; tls.probe("127.0.0.1", int(sys.argv[1]), timeout=3.0)' $$p 2>/dev/null; do \
 	    [ $$(date +%s) -lt $$end ] || { echo "stapfarm: port $$p does not answer TLS; see: docker compose -p $(COMPOSE_PROJECT) logs" >&2; exit 1; }; \
 	    sleep 1; done; done; \
 	$(SS) status; \

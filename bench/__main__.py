@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:  # tests.support.* (the client image helpers) and 
 from bench import env as benv
 from bench import measure, report
 from bench.env import say
-from farm import dockerclient
+from farm.engine import docker as dockerclient
 from tests.support.client import authorize_cert
 
 

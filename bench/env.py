@@ -24,10 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farm import config, images, kernels, labels
-from farm.arch import ARM64, X86_64, Arch
-from farm.debian import Mirror
-from farm.spec import GlobalConfig
+from farm.core import labels
+from farm.core.arch import ARM64, X86_64, Arch
+from farm.core.spec import GlobalConfig
+from farm.engine import images
+from farm.kernels import trees as kernels
+from farm.kernels.debian import Mirror
+from farm.manual import config
 from tests.support import client as tclient
 from tests.support.farm import Farm, make_farm
 from tests.support.resources import cleanup_label

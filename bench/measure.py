@@ -12,9 +12,11 @@ from typing import Any
 
 from bench import runs
 from bench.env import PREFIX, UPSTREAM_KIND, BenchEnv, say
-from farm import dockerclient, labels, tlsprobe
+from farm.core import labels
+from farm.core.errors import ServerError
 from farm.endpoint import service as endpoint_service
-from farm.errors import ServerError
+from farm.engine import docker as dockerclient
+from farm.trust import tls as tlsprobe
 
 HELLO = 'probe begin { println("hello"); exit() }'
 TRACEPOINT = 'probe kernel.trace("sched:sched_switch") { printf("%d\\n", $next->pid); exit() }'

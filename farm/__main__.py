@@ -1,5 +1,5 @@
 """`python -m farm` is the `stap-server` command."""
 
-from farm.cli import entry_point
+from farm.manual.cli import entry_point
 
 entry_point()

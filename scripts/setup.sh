@@ -77,7 +77,7 @@ fi
 # --- compose v2 plugin ---------------------------------------------------------------------
 if ! docker compose version >/dev/null 2>&1; then
   is_root || die "the docker compose v2 plugin is missing"
-  .venv/bin/python -m farm.hostsetup compose-plugin
+  .venv/bin/python -m farm.manual.hostsetup compose-plugin
 fi
 log "$(docker compose version)"
 

@@ -1,7 +1,7 @@
 """Session-level fixtures for tests that use the real Docker engine, and helpers they share.
 
 Everything a test creates in Docker (containers, volumes, networks) carries the label
-`org.stapfarm.test=<session id>` (farm.labels.TEST); the `test_label` fixture's finalizer
+`org.stapfarm.test=<session id>` (farm.core.labels.TEST); the `test_label` fixture's finalizer
 removes all of it at the end of the session, containers first, then networks, then volumes,
 whatever happened. Resources a test did not create are never touched.
 
@@ -11,11 +11,11 @@ Fixtures (all session-scoped):
     test_label       the session id carried by every test resource
     test_prefix      `stapfarmtest<id>`: the farm resource prefix (STAPFARM_PREFIX) of tests
     session_dir      a temporary directory for the session (mirror caches, config files)
-    mirror           farm.debian.Mirror for the farm's Debian mirror, cached under session_dir
+    mirror           farm.kernels.debian.Mirror for the farm's Debian mirror, cached under session_dir
     releases         {"x86_64": newest trixie amd64 release, "arm64": newest arm64 release}
     server_images    {"x86_64": tag, "arm64": tag} of the farm's server images (must exist)
     kernel_trees     KernelTrees: lazily built trees, at most once per session
-    farm_environ     environ for farm.tools actions (test prefix, test label, private state)
+    farm_environ     environ for farm.manual.actions actions (test prefix, test label, private state)
     test_network     a labelled bridge network
 
 Helpers (import with `from tests.conftest import run_stap, elf_machine, vermagic`):
@@ -42,10 +42,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `import tests.support.client` however pytest was started
     sys.path.insert(0, str(REPO))
 
-from farm import images, kernels, labels
-from farm.arch import ARM64, X86_64, Arch
-from farm.debian import Mirror
-from farm.errors import DockerUnavailable
+from farm.core import labels
+from farm.core.arch import ARM64, X86_64, Arch
+from farm.core.errors import DockerUnavailable
+from farm.engine import images
+from farm.kernels import trees as kernels
+from farm.kernels.debian import Mirror
 from tests.support.resources import cleanup_label
 from tests.support.stap_run import run_in_image
 
@@ -68,7 +70,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def docker_client() -> Any:
     """The Docker engine. Unreachable is a failure: CI must not pass by skipping."""
     try:
-        from farm.dockerclient import connect
+        from farm.engine.docker import connect
 
         client = connect()
     except DockerUnavailable as e:
@@ -110,9 +112,9 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _farm_mirror_url() -> str:
     """The Debian mirror the farm resolves: DEBIAN_MIRROR of the global file, else the host's
     apt sources (the latter alone when the global file does not load)."""
-    from farm.config import load_global
-    from farm.errors import ConfigError
-    from farm.mirror import HINT, host_debian_mirror
+    from farm.core.errors import ConfigError
+    from farm.kernels.mirror import HINT, host_debian_mirror
+    from farm.manual.config import load_global
 
     try:
         url = load_global([], os.environ).debian_mirror
@@ -146,7 +148,7 @@ def releases(mirror: Mirror) -> dict[str, str]:
 
 def server_image_tag(arch: Arch) -> str:
     """The farm's default tag of ARCH's server image (stapfarm/server:<uname -m>)."""
-    from farm.spec import GlobalConfig
+    from farm.core.spec import GlobalConfig
 
     return images.image_tag(GlobalConfig(config_path="", stat_path="", log_file=""), arch)
 
@@ -233,12 +235,12 @@ def kernel_trees(docker_client: Any, mirror: Mirror, releases: dict[str, str],
 
 @pytest.fixture(scope="session")
 def farm_environ(test_prefix: str, test_label: str, session_dir: Path) -> dict[str, str]:
-    """An environ for farm.tools actions: test prefix and label, a private state directory.
+    """An environ for farm.manual.actions actions: test prefix and label, a private state directory.
 
     The global file is the host's (so the mirror and image settings are the ones the images
     were built with) followed by a private STATE_DIR.
     """
-    from farm import config
+    from farm.manual import config
 
     text = ""
     default = config.global_file(os.environ)

@@ -36,16 +36,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from farm import images, kernels, labels, mdns
-from farm.arch import Arch
-from farm.config import Host, ServerDraft, resolve_server
-from farm.container_spec import HOME, SSL, config_from_json
-from farm.debian import Mirror
-from farm.docker_backend import DockerBackend
+from farm.core import labels
+from farm.core.arch import Arch
+from farm.core.errors import FarmError, ServerError
+from farm.core.spec import GlobalConfig
+from farm.discovery import mdns
 from farm.endpoint.routing import Target, Upstream
-from farm.errors import FarmError, ServerError
-from farm.kernels import MANIFESTS, MOUNT, TreeStore
-from farm.spec import GlobalConfig
+from farm.engine import images
+from farm.engine.servers import DockerBackend
+from farm.engine.specs import HOME, SSL, config_from_json
+from farm.kernels import trees as kernels
+from farm.kernels.debian import Mirror
+from farm.kernels.trees import MANIFESTS, MOUNT, TreeStore
+from farm.manual.config import Host, ServerDraft, resolve_server
 
 log = logging.getLogger("stapfarm.broker")
 

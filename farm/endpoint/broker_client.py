@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from farm.core.errors import FarmError
 from farm.endpoint.routing import Target, Upstream
-from farm.errors import FarmError
 
 MAX_MESSAGE = 1 << 20  # as the broker's
 TABLE_TIMEOUT = 20.0  # seconds for a table or a check

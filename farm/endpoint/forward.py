@@ -10,7 +10,7 @@ import socket
 import ssl
 import struct
 
-from farm.errors import FarmError
+from farm.core.errors import FarmError
 
 CONNECT_TIMEOUT = 30.0
 

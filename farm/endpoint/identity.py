@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from farm.errors import FarmError
+from farm.core.errors import FarmError
 
 NICKNAME = "stap-server"  # the certificate's nickname in the database, as upstream's
 

@@ -36,14 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm import wire
-from farm.arch import Arch
+from farm.core.arch import Arch
+from farm.core.errors import ArchError, FarmError
+from farm.endpoint import wire
 from farm.endpoint.forward import TooLarge, Unreachable, forward
 from farm.endpoint.metrics import NONE, UNSERVED, Metrics
+from farm.endpoint.modcache import ModuleCache
 from farm.endpoint.policy import Policy
 from farm.endpoint.routing import Directory, Provisioner, Target, Upstream
-from farm.errors import ArchError, FarmError
-from farm.modcache import ModuleCache
 
 log = logging.getLogger("stapfarm.endpoint")
 

@@ -42,24 +42,25 @@ from docker.types import Mount
 from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from farm import labels, tlsprobe
-from farm.advertiser import probe_address
-from farm.advertiser_image import ensure_image, image_tag
-from farm.arch import Arch
-from farm.docker_backend import DockerBackend
-from farm.dockerclient import connect, still_running
-from farm.endpoint.broker import Broker, DockerEngine
-from farm.endpoint.broker_client import BrokerDirectory
-from farm.endpoint.identity import Signer, exported_identity
-from farm.endpoint.policy import Policy
-from farm.endpoint.server import Endpoint, Settings
-from farm.errors import ConfigError, FarmError, ServerError
-from farm.modcache import ModuleCache
-from farm.spec import (
+from farm.core import labels
+from farm.core.arch import Arch
+from farm.core.errors import ConfigError, FarmError, ServerError
+from farm.core.spec import (
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
     GlobalConfig,
 )
+from farm.discovery.advertiser import probe_address
+from farm.endpoint.broker import Broker, DockerEngine
+from farm.endpoint.broker_client import BrokerDirectory
+from farm.endpoint.identity import Signer, exported_identity
+from farm.endpoint.modcache import ModuleCache
+from farm.endpoint.policy import Policy
+from farm.endpoint.server import Endpoint, Settings
+from farm.engine.advertiser import ensure_image, image_tag
+from farm.engine.docker import connect, still_running
+from farm.engine.servers import DockerBackend
+from farm.trust import tls as tlsprobe
 
 log = logging.getLogger("stapfarm.endpoint")
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 
-from farm import labels, tlsprobe
-from farm.arch import ARM64, X86_64, Arch
+from farm.core import labels
+from farm.core.arch import ARM64, X86_64, Arch
+from farm.trust import tls as tlsprobe
 from tests.conftest import REPO, KernelTrees, elf_machine, vermagic
 from tests.support.client import (
     authorize_cert,
@@ -146,7 +147,8 @@ def client(docker_client: Any, test_network: Any, test_label: str) -> Any:
 @pytest.fixture(scope="module")
 def advertiser_image(docker_client: Any) -> str:
     """The mDNS advertiser's image (farm/advertiser_image.py builds it when inputs change)."""
-    from farm import advertiser_image, config
+    from farm.engine import advertiser as advertiser_image
+    from farm.manual import config
 
     advertiser_image.ensure_image(docker_client, config.load_global([], os.environ))
     return advertiser_image.image_tag(config.load_global([], os.environ))
@@ -175,7 +177,7 @@ def compose_farm(docker_client: Any, trees: KernelTrees, test_prefix: str, test_
 @pytest.fixture(scope="module")
 def status_farm(compose_farm: dict[str, Any], farm_environ: dict[str, str], session_dir: Path,
                 client: Any, trees: KernelTrees) -> Farm:
-    """`stap-server` (farm.cli.main) with the compose farm's prefix and private paths."""
+    """`stap-server` (farm.manual.cli.main) with the compose farm's prefix and private paths."""
     environ = dict(farm_environ, STAPFARM_PREFIX=compose_farm["prefix"])
     return make_farm(session_dir / "compose", environ, client, default_host_names()[0],
                      {"x86_64": trees.release(X86_64), "arm64": trees.release(ARM64)})

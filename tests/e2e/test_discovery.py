@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from farm import tlsprobe
-from farm.advertiser_image import advertiser_state, container_name, ensure_advertiser
-from farm.arch import ARM64, X86_64
-from farm.cli import main
-from farm.config import load_global
-from farm.mdns import parse_stap_version
+from farm.core.arch import ARM64, X86_64
+from farm.discovery.mdns import parse_stap_version
+from farm.engine.advertiser import advertiser_state, container_name, ensure_advertiser
+from farm.manual.cli import main
+from farm.manual.config import load_global
+from farm.trust import tls as tlsprobe
 from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
     authorize_cert,

@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 
-from farm import kernels, labels
-from farm.arch import ARM64, X86_64
+from farm.core import labels
+from farm.core.arch import ARM64, X86_64
 from farm.endpoint import service as endpoint_service
+from farm.kernels import trees as kernels
 from tests.conftest import SUITES, KernelTrees, elf_machine
 from tests.support.client import authorize_cert, client_stap, default_host_names, start_client
 from tests.support.farm import Farm, make_farm

@@ -34,8 +34,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from farm import labels
-from farm.arch import X86_64
+from farm.core import labels
+from farm.core.arch import X86_64
 from farm.endpoint import service
 from tests.conftest import KernelTrees, elf_machine
 from tests.e2e.test_endpoint import endpoint_logs

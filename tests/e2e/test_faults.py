@@ -23,8 +23,9 @@ from typing import Any
 
 import pytest
 
-from farm import kernels, tlsprobe
-from farm.arch import X86_64
+from farm.core.arch import X86_64
+from farm.kernels import trees as kernels
+from farm.trust import tls as tlsprobe
 from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
     default_host_names,

@@ -33,8 +33,9 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 
-from farm import labels, tlsprobe
-from farm.arch import ARM64, X86_64
+from farm.core import labels
+from farm.core.arch import ARM64, X86_64
+from farm.trust import tls as tlsprobe
 from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import default_host_names, start_client
 from tests.support.farm import Farm, make_farm
@@ -45,8 +46,8 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 HELLO = 'probe begin { println("hello"); exit() }'
 NICK = "hard"
 SERVER_USER = "stap-server"
-HOME_IN = "/home/stap-server"  # farm.container_spec.HOME
-LOG_IN = "/var/log/stapfarm/server.log"  # farm.container_spec.LOG
+HOME_IN = "/home/stap-server"  # farm.engine.specs.HOME
+LOG_IN = "/var/log/stapfarm/server.log"  # farm.engine.specs.LOG
 PWNED = "hardening-pwned"  # every traversal target's name contains this
 # Operator settings of this farm (global file): a small tmpfs makes "TMPDIR full" cheap.
 TMPFS_SIZE = "256m"
@@ -54,7 +55,7 @@ CPUS = 1.5
 # The rlimits images/server-entry.sh writes to ~/.systemtap/rc.
 RLIMITS = {"Max cpu time": "60", "Max file size": "51200000", "Max stack size": "1024000",
            "Max address space": "4294967296", "Max core file size": "0"}
-# Defaults of farm.spec (DEFAULT_MAX_COMPRESSED_REQUEST / DEFAULT_MAX_REQUEST_SIZE).
+# Defaults of farm.core.spec (DEFAULT_MAX_COMPRESSED_REQUEST / DEFAULT_MAX_REQUEST_SIZE).
 MAX_COMPRESSED = 16 * 1024 * 1024
 MAX_UNCOMPRESSED = 64 * 1024 * 1024
 IDLE_CONNECTIONS = 50

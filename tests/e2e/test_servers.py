@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from farm import labels, tlsprobe
-from farm.arch import ARM64, X86_64, Arch
+from farm.core import labels
+from farm.core.arch import ARM64, X86_64, Arch
+from farm.trust import tls as tlsprobe
 from tests.conftest import KernelTrees, elf_machine, vermagic
 from tests.support.client import authorize_cert, default_host_names, start_client
 from tests.support.farm import Farm, make_farm

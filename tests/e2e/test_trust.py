@@ -17,8 +17,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from farm import labels, tlsprobe
-from farm.arch import ARM64, X86_64
+from farm.core import labels
+from farm.core.arch import ARM64, X86_64
+from farm.trust import tls as tlsprobe
 from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
     HOME,

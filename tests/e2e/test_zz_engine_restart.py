@@ -33,9 +33,9 @@ from typing import Any
 
 import pytest
 
-from farm import tlsprobe
-from farm.advertiser_image import container_name
-from farm.arch import X86_64
+from farm.core.arch import X86_64
+from farm.engine.advertiser import container_name
+from farm.trust import tls as tlsprobe
 from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
     default_host_names,

@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 
-from farm import labels, tlsprobe
-from farm.advertiser import Advertiser
-from farm.arch import ARM64
-from farm.cli import main
-from farm.dockerclient import connect
-from farm.mdns import SERVICE_TYPE
+from farm.core import labels
+from farm.core.arch import ARM64
+from farm.discovery.advertiser import Advertiser
+from farm.discovery.mdns import SERVICE_TYPE
+from farm.engine.docker import connect
+from farm.manual.cli import main
+from farm.trust import tls as tlsprobe
 from tests.conftest import KernelTrees
 from tests.support.farm import private_environ
 from tests.support.mdns_browser import Browser

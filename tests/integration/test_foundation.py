@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 
-from farm import images, kernels, labels
-from farm.arch import ARM64, X86_64, Arch
-from farm.errors import KernelTreeError
-from farm.spec import Strategy
-from farm.strategy import BuildPlan, resolve
-from farm.tools import images_action, kernels_action
+from farm.core import labels
+from farm.core.arch import ARM64, X86_64, Arch
+from farm.core.errors import KernelTreeError
+from farm.core.spec import Strategy
+from farm.core.strategy import BuildPlan, resolve
+from farm.engine import images
+from farm.kernels import trees as kernels
+from farm.manual.actions import images_action, kernels_action
 from tests.conftest import SUITES, KernelTrees, elf_machine, run_stap, vermagic
 
 pytestmark = pytest.mark.docker
@@ -236,7 +238,7 @@ def test_tree_needing_a_missing_compiler_is_refused(docker_client: Any, mirror: 
 def test_images_are_labelled_and_build_is_a_noop_when_up_to_date(
         docker_client: Any, farm_environ: dict[str, str],
         server_images: dict[str, str]) -> None:
-    from farm.config import load_global
+    from farm.manual.config import load_global
 
     flags = os.environ.get("IMAGE_BUILD_FLAGS", "--allow-expired-release").split()
     gcfg = load_global([], farm_environ)

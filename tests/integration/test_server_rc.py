@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from farm import images, labels
-from farm.arch import X86_64
+from farm.core import labels
+from farm.core.arch import X86_64
+from farm.engine import images
 from tests.support.poll import poll
 
 pytestmark = pytest.mark.docker

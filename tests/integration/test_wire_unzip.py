@@ -28,8 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from farm import wire
-from farm.wire import Request, RequestError, Response
+from farm.endpoint import wire
+from farm.endpoint.wire import Request, RequestError, Response
 
 LIMIT = 64 << 20
 SCRIPT = b'probe begin { println("hello"); exit() }\n'

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from farm import labels
+from farm.core import labels
 from tests.support.poll import wait_until
 
 CLIENT_TAG = "stapfarm-test/client:trixie"
@@ -48,9 +48,9 @@ def _mirror() -> str:
     Raises:
         RuntimeError: neither names one.
     """
-    from farm.config import load_global
-    from farm.errors import ConfigError
-    from farm.mirror import HINT, host_debian_mirror
+    from farm.core.errors import ConfigError
+    from farm.kernels.mirror import HINT, host_debian_mirror
+    from farm.manual.config import load_global
 
     try:
         url = load_global([], os.environ).debian_mirror

@@ -27,10 +27,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from farm import wire
+from farm.core.errors import FarmError
+from farm.endpoint import wire
 from farm.endpoint.routing import Target, Upstream
 from farm.endpoint.server import Endpoint
-from farm.errors import FarmError
 from tests.support.wire_client import exchange
 
 REL = "6.12.9+tst13-amd64"

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from farm import tlsprobe
-from farm.cli import main
+from farm.manual.cli import main
+from farm.trust import tls as tlsprobe
 from tests.support.client import authorize_cert, client_stap
 
 CERT = "state/home/stap-server/.systemtap/ssl/server/stap.cert"

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from farm.mdns import SERVICE_TYPE
+from farm.discovery.mdns import SERVICE_TYPE
 from tests.support.poll import wait_until
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from farm import labels
+from farm.core import labels
 
 
 def cleanup_label(client: Any, label: str) -> list[str]:
@@ -47,7 +47,7 @@ def retire_advertiser(client: Any, prefix: str) -> None:
     """Stop (its mDNS goodbyes go out) and remove PREFIX's advertiser container, if any."""
     import docker.errors
 
-    from farm.advertiser_image import container_name
+    from farm.engine.advertiser import container_name
 
     try:
         c = client.containers.get(container_name(prefix))

@@ -10,7 +10,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from farm import images, kernels, labels
+from farm.core import labels
+from farm.engine import images
+from farm.kernels import trees as kernels
 
 WORK = "/work"  # where the per-run volume is mounted; stap runs in WORK/m
 EXEC_STAP = 'exec stap "$@"'

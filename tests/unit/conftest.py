@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from clifakes import Farm, make_farm
 
+from farm.endpoint.modcache import ModuleCache
 from farm.endpoint.server import Endpoint, Settings
-from farm.modcache import ModuleCache
 from tests.support.endpoint_fakes import Running, make_identity
 
 

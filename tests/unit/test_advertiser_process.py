@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm import labels
-from farm.advertiser import Advertiser
-from farm.errors import ServerError
-from farm.mdns import Changes, ServiceKey
+from farm.core import labels
+from farm.core.errors import ServerError
+from farm.discovery.advertiser import Advertiser
+from farm.discovery.mdns import Changes, ServiceKey
 
 REL = "6.12.48+tst13-arm64"
 
@@ -248,7 +248,7 @@ def test_a_failing_publisher_never_crashes_the_advertiser() -> None:
 def test_advertiser_container_spec() -> None:
     from docker.types import Mount
 
-    from farm.advertiser_image import container_spec
+    from farm.engine.advertiser import container_spec
 
     spec = container_spec("stapfarm/advertiser:latest", "sha256:1", "farm", ["br0", "10.0.0.5"],
                           "127.0.0.1", test_label="t1")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from farm import arch as arch_mod
-from farm.arch import ALL, ARM64, X86_64, Arch
-from farm.errors import ArchError, FarmError
+from farm.core import arch as arch_mod
+from farm.core.arch import ALL, ARM64, X86_64, Arch
+from farm.core.errors import ArchError, FarmError
 
 
 @pytest.mark.parametrize("name, expected", [

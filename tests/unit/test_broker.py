@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from farm.arch import Arch
+from farm.core.arch import Arch
+from farm.core.errors import FarmError, KernelTreeError
 from farm.endpoint.broker import FAILURE_MEMORY, Broker
 from farm.endpoint.broker_client import BrokerDirectory, call
 from farm.endpoint.routing import Target, Upstream
-from farm.errors import FarmError, KernelTreeError
 from tests.support.poll import poll
 
 REL = "6.12.9+tst13-amd64"

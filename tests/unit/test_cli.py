@@ -11,19 +11,20 @@ from pathlib import Path
 import pytest
 from clifakes import Farm, Result
 
-from farm import cli, tools
-from farm.config import Host
-from farm.errors import DockerUnavailable
-from farm.spec import (
+from farm.core.errors import DockerUnavailable
+from farm.core.spec import (
     DEFAULT_MAX_COMPRESSED_REQUEST as MCR,
 )
-from farm.spec import (
+from farm.core.spec import (
     DEFAULT_MAX_REQUEST_SIZE as MRS,
 )
-from farm.spec import (
+from farm.core.spec import (
     ServerConfig,
     Strategy,
 )
+from farm.manual import actions as tools
+from farm.manual import cli
+from farm.manual.config import Host
 
 SIZES = f'--max-request-size "{MRS}" --max-compressed-request "{MCR}"'
 
@@ -523,8 +524,8 @@ def test_backend_is_built_lazily_from_docker_backend(farm: Farm,
                 built.append((g, environ))
                 return farm.backend
 
-    monkeypatch.setattr("farm.cli.importlib.import_module",
-                        lambda name: Module if name == "farm.docker_backend" else None)
+    monkeypatch.setattr("farm.manual.cli.importlib.import_module",
+                        lambda name: Module if name == "farm.engine.servers" else None)
     out, err = io.StringIO(), io.StringIO()
     assert cli.main(["status"], environ=farm.environ, stdout=out, stderr=err,
                     host=farm.host) == 3
@@ -537,7 +538,7 @@ def test_missing_docker_backend_is_a_farm_error(farm: Farm,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     def missing(name: str) -> object:
         raise ImportError(f"No module named '{name}'")
-    monkeypatch.setattr("farm.cli.importlib.import_module", missing)
+    monkeypatch.setattr("farm.manual.cli.importlib.import_module", missing)
     out, err = io.StringIO(), io.StringIO()
     rc = cli.main(["status"], environ=farm.environ, stdout=out, stderr=err, host=farm.host)
     assert rc == 1 and err.getvalue().startswith("stap-server: the Docker backend is not")

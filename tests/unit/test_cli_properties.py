@@ -17,10 +17,11 @@ from clifakes import Farm, make_farm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from farm import cli, tools
-from farm.config import GLOBAL_VARIABLES, SERVER_VARIABLES
-from farm.plan import Action
-from farm.spec import ServerConfig
+from farm.core.spec import ServerConfig
+from farm.manual import actions as tools
+from farm.manual import cli
+from farm.manual.config import GLOBAL_VARIABLES, SERVER_VARIABLES
+from farm.manual.plan import Action
 
 HINT = b"Try 'stap-server --help' for more information."
 EXTRA = "@extra-global-file"  # replaced by the path of a real extra global file

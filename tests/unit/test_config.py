@@ -6,12 +6,14 @@ import pwd
 from pathlib import Path
 
 import pytest
+from farm.manual.backend import RunningServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from farm import statfile
-from farm.backend import RunningServer
-from farm.config import (
+from farm.core.errors import ConfigError, FarmError
+from farm.core.spec import DEFAULT_MAX_REQUEST_SIZE, GlobalConfig, ServerConfig, Strategy
+from farm.manual import statfile
+from farm.manual.config import (
     Account,
     Group,
     Host,
@@ -30,8 +32,6 @@ from farm.config import (
     server_user_problem,
     shown,
 )
-from farm.errors import ConfigError, FarmError
-from farm.spec import DEFAULT_MAX_REQUEST_SIZE, GlobalConfig, ServerConfig, Strategy
 
 HOST = Host(arch="x86_64", release="6.1.0-test", euid=1000, user="alice", cwd="/work")
 G = GlobalConfig(config_path="/c", stat_path="/s", log_file="/l/log")
@@ -532,7 +532,7 @@ def test_system_accounts_read_the_host_databases() -> None:
 def test_host_current_in_a_deleted_directory(monkeypatch: pytest.MonkeyPatch) -> None:
     def gone() -> str:
         raise FileNotFoundError(2, "No such file or directory")
-    monkeypatch.setattr("farm.config.os.getcwd", gone)
+    monkeypatch.setattr("farm.manual.config.os.getcwd", gone)
     assert Host.current().cwd == ""
 
 

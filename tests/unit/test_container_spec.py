@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from docker.types import Mount
 
-from farm import labels
-from farm.arch import ARM64, X86_64
-from farm.container_spec import (
+from farm.core import labels
+from farm.core.arch import ARM64, X86_64
+from farm.core.spec import GlobalConfig, ServerConfig, Strategy
+from farm.core.strategy import resolve
+from farm.engine.specs import (
     HOME,
     LOG,
     SSL,
@@ -16,8 +18,6 @@ from farm.container_spec import (
     container_spec,
     daemon_args,
 )
-from farm.spec import GlobalConfig, ServerConfig, Strategy
-from farm.strategy import resolve
 
 G = GlobalConfig(config_path="/c", stat_path="/s", log_file="/l", state_dir="/st",
                  memory_limit="2g", pids_limit=512, tmpfs_size="1g")

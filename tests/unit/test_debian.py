@@ -19,8 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from farm import debian
-from farm.debian import (
+from farm.core.errors import MirrorError
+from farm.core.spec import GlobalConfig
+from farm.kernels import debian
+from farm.kernels.debian import (
     Mirror,
     Package,
     compare_versions,
@@ -28,8 +30,6 @@ from farm.debian import (
     iter_data_members,
     parse_packages,
 )
-from farm.errors import MirrorError
-from farm.spec import GlobalConfig
 
 
 def sign(n: int) -> int:

@@ -22,10 +22,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from farm import wire
+from farm.endpoint import wire
 from farm.endpoint.identity import Signer
+from farm.endpoint.modcache import ModuleCache
 from farm.endpoint.server import ByteBudget
-from farm.modcache import ModuleCache
 from tests.support.endpoint_fakes import (
     REL,
     FakeDirectory,

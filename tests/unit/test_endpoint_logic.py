@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from farm import wire
+from farm.endpoint import wire
 from farm.endpoint.routing import Target
 from tests.support.endpoint_fakes import (
     REL,

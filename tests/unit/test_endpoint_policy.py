@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from farm.config import ENDPOINT_POLICY_WORDS
 from farm.endpoint.policy import ALLOW_ABSOLUTE, ALLOW_GURU, Policy
+from farm.manual.config import ENDPOINT_POLICY_WORDS
 
 STRICT = Policy()
 

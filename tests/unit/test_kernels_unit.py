@@ -17,11 +17,11 @@ from typing import IO, Any
 import docker.errors
 import pytest
 
-from farm import kernels
-from farm.arch import ARM64, X86_64, Arch
-from farm.debian import Package
-from farm.errors import KernelTreeError
-from farm.kernels import (
+from farm.core.arch import ARM64, X86_64, Arch
+from farm.core.errors import KernelTreeError
+from farm.kernels import trees as kernels
+from farm.kernels.debian import Package
+from farm.kernels.trees import (
     KernelTree,
     TreeStore,
     _release_of_headers,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from farm import mdns
-from farm.errors import ConfigError
-from farm.mdns import ObservedServer, Service
+from farm.core.errors import ConfigError
+from farm.discovery import mdns
+from farm.discovery.mdns import ObservedServer, Service
 
 CROSS = ObservedServer(server_id="farm-aarch64-1", host="farmhost", port=40001, arch="arm64",
                        releases=("6.12.48+tst13-arm64",),

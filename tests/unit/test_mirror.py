@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from farm.config import load_global
-from farm.mirror import (
+from farm.kernels.mirror import (
     HINT,
     AptSource,
     apt_files,
@@ -16,6 +15,7 @@ from farm.mirror import (
     parse_deb822,
     parse_one_line,
 )
+from farm.manual.config import load_global
 
 # Host names below are reserved (.example, .invalid, RFC 2606): no package host is named.
 ONE_LINE = """\

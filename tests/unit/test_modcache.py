@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from farm.modcache import ModuleCache
+from farm.endpoint.modcache import ModuleCache
 
 HEADER = 75  # bytes of header in front of every stored entry
 

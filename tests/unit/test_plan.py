@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from farm.backend import RunningServer
-from farm.config import BadServerFile
-from farm.plan import (
+from farm.manual.backend import RunningServer
+
+from farm.core.spec import ServerConfig
+from farm.manual.config import BadServerFile
+from farm.manual.plan import (
     Action,
     PlannedStep,
     Request,
@@ -14,7 +16,6 @@ from farm.plan import (
     plan,
     status_exit_code,
 )
-from farm.spec import ServerConfig
 
 X86 = ServerConfig(arch="x86_64", releases=("6.1.0-test",), user="u", log="/l")
 ARM = ServerConfig(arch="arm64", releases=("6.1.0-test",), user="u", log="/l")

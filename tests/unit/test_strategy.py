@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
-from farm import strategy as strategy_mod
-from farm.arch import ALL, ARM64, X86_64, Arch
-from farm.spec import Strategy
-from farm.strategy import resolve
+from farm.core import strategy as strategy_mod
+from farm.core.arch import ALL, ARM64, X86_64, Arch
+from farm.core.spec import Strategy
+from farm.core.strategy import resolve
 
 N, C, E = Strategy.NATIVE, Strategy.CROSS, Strategy.EMULATED
 

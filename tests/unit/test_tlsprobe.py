@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from farm.errors import ServerError
-from farm.tlsprobe import certinfo, probe
+from farm.core.errors import ServerError
+from farm.trust.tls import certinfo, probe
 
 
 def test_certinfo_is_der_serial_bytes_as_lowercase_colon_hex() -> None:

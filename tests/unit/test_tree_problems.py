@@ -7,15 +7,16 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from farm.arch import ARM64, X86_64
-from farm.backend import RunningServer
-from farm.docker_backend import TREE_CHECK, DockerBackend, tree_problem
-from farm.kernels import MANIFESTS
-from farm.kernels import MOUNT as KERNELS_MOUNT
-from farm.plan import Action, plan, status_exit_code
-from farm.render import status_json, status_line
-from farm.spec import GlobalConfig, ServerConfig, Strategy
-from farm.strategy import BuildPlan
+from farm.manual.backend import RunningServer
+
+from farm.core.arch import ARM64, X86_64
+from farm.core.spec import GlobalConfig, ServerConfig, Strategy
+from farm.core.strategy import BuildPlan
+from farm.engine.servers import TREE_CHECK, DockerBackend, tree_problem
+from farm.kernels.trees import MANIFESTS
+from farm.kernels.trees import MOUNT as KERNELS_MOUNT
+from farm.manual.plan import Action, plan, status_exit_code
+from farm.manual.render import status_json, status_line
 
 REL = "6.12.99+tst13-amd64"
 X86 = ServerConfig(arch="x86_64", releases=(REL,), user="u", log="/l", nickname="k")

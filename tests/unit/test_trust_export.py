@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from farm import trust
-from farm.errors import FarmError
+from farm.core.errors import FarmError
+from farm.trust import store as trust
 from tests.support.endpoint_fakes import der, make_identity
 
 

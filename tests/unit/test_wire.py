@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from farm import wire
-from farm.wire import Request, RequestError
+from farm.endpoint import wire
+from farm.endpoint.wire import Request, RequestError
 
 LIMIT = 64 << 20  # upstream's default MAXREQSIZE-like bound used in these tests
 SCRIPT = b'probe begin { println("hello"); exit() }\n'

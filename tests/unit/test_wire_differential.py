@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from farm import wire
-from farm.wire import Request, RequestError, Response, ResponseError
+from farm.endpoint import wire
+from farm.endpoint.wire import Request, RequestError, Response, ResponseError
 
 LIMIT = 64 << 20
 V = b"sysinfo: 6.12.48+tst13-amd64 x86_64"  # what Python's zipfile reads

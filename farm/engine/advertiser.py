@@ -16,12 +16,14 @@ from typing import Any
 
 from docker.types import Mount
 
-from farm import images, labels, mdns
-from farm.advertiser import probe_address
-from farm.arch import Arch
-from farm.errors import ImageError, ServerError
-from farm.images import SUITE, base_tag, ensure_base, images_dir
-from farm.spec import GlobalConfig
+from farm.core import labels
+from farm.core.arch import Arch
+from farm.core.errors import ImageError, ServerError
+from farm.core.spec import GlobalConfig
+from farm.discovery import mdns
+from farm.discovery.advertiser import probe_address
+from farm.engine import images
+from farm.engine.images import SUITE, base_tag, ensure_base, images_dir
 
 Say = Callable[[str], None]
 DOCKERFILE = "Dockerfile.advertiser"
@@ -197,7 +199,7 @@ def ensure_advertiser(client: Any, gcfg: GlobalConfig, prefix: str, test_label: 
         if current is not None:
             _retire(current)
         return None
-    from farm.zeroconf_publisher import host_interfaces
+    from farm.discovery.publisher import host_interfaces
 
     mdns.choose_addresses(gcfg.mdns_interfaces, host_interfaces())  # fail here, not looping
     image = ensure_image(client, gcfg, say)

@@ -10,10 +10,10 @@ from typing import Any
 
 from docker.types import Healthcheck, Mount
 
-from farm import labels
-from farm.kernels import MOUNT as KERNELS_MOUNT
-from farm.spec import GlobalConfig, ServerConfig, Strategy
-from farm.strategy import BuildPlan
+from farm.core import labels
+from farm.core.spec import GlobalConfig, ServerConfig, Strategy
+from farm.core.strategy import BuildPlan
+from farm.kernels.trees import MOUNT as KERNELS_MOUNT
 
 HOME = "/home/stap-server"  # the image's server home; HOME of the daemon
 LOG = "/var/log/stapfarm/server.log"  # where the host's LOG file is mounted

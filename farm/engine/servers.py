@@ -11,16 +11,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm import images, labels, tlsprobe
-from farm.arch import Arch
-from farm.backend import RunningServer
-from farm.container_spec import DAEMON, HOME, Placement, config_from_json, container_spec
-from farm.dockerclient import still_running
-from farm.errors import FarmError, KernelTreeError, ServerError
-from farm.kernels import MANIFESTS, TreeStore, volume_name
-from farm.kernels import MOUNT as KERNELS_MOUNT
-from farm.spec import GlobalConfig, ServerConfig, Strategy
-from farm.strategy import BuildPlan, resolve
+from farm.core import labels
+from farm.core.arch import Arch
+from farm.core.errors import FarmError, KernelTreeError, ServerError
+from farm.core.spec import GlobalConfig, ServerConfig, Strategy
+from farm.core.strategy import BuildPlan, resolve
+from farm.engine import images
+from farm.engine.docker import still_running
+from farm.engine.specs import DAEMON, HOME, Placement, config_from_json, container_spec
+from farm.kernels.trees import MANIFESTS, TreeStore, volume_name
+from farm.kernels.trees import MOUNT as KERNELS_MOUNT
+from farm.manual.backend import RunningServer
+from farm.trust import tls as tlsprobe
 
 RENEW_DAYS = 7  # renew a certificate this close to expiry; status warns 30 days ahead
 WARN_DAYS = 30
@@ -47,7 +49,7 @@ class DockerBackend:
 
     @classmethod
     def from_env(cls, gcfg: GlobalConfig, environ: Mapping[str, str]) -> DockerBackend:
-        from farm.dockerclient import connect
+        from farm.engine.docker import connect
 
         return cls(client=connect(environ), gcfg=gcfg,
                    prefix=environ.get("STAPFARM_PREFIX", "stapfarm"),
@@ -110,8 +112,8 @@ class DockerBackend:
 
     def notices(self) -> list[str]:
         """The mDNS advertiser's state and certificates close to expiry (30 days ahead)."""
-        from farm.advertiser_image import advertiser_state
         from farm.endpoint.service import endpoint_state
+        from farm.engine.advertiser import advertiser_state
 
         lines = [advertiser_state(self.client, self.prefix)]
         endpoint = endpoint_state(self.client, self.prefix)
@@ -169,7 +171,7 @@ class DockerBackend:
 
     def _advertise(self) -> None:
         """Make sure the host's mDNS advertiser runs (it follows every farm server)."""
-        from farm.advertiser_image import ensure_advertiser
+        from farm.engine.advertiser import ensure_advertiser
 
         try:
             ensure_advertiser(self.client, self.gcfg, self.prefix, self.test_label)

@@ -10,12 +10,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from farm import images, kernels, labels, trust
-from farm.arch import ALL, Arch
-from farm.debian import Mirror
-from farm.errors import EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, FarmError, UsageError
-from farm.spec import GlobalConfig, Strategy
-from farm.strategy import resolve
+from farm.core import labels
+from farm.core.arch import ALL, Arch
+from farm.core.errors import EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, FarmError, UsageError
+from farm.core.spec import GlobalConfig, Strategy
+from farm.core.strategy import resolve
+from farm.engine import images
+from farm.kernels import trees as kernels
+from farm.kernels.debian import Mirror
+from farm.trust import store as trust
 
 Action = Callable[[list[str], Mapping[str, str], TextIO, TextIO], int]
 
@@ -26,13 +29,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _global(paths: list[str], environ: Mapping[str, str]) -> GlobalConfig:
-    from farm.config import load_global
+    from farm.manual.config import load_global
 
     return load_global(paths, environ)
 
 
 def _client(environ: Mapping[str, str]) -> Any:
-    from farm.dockerclient import connect
+    from farm.engine.docker import connect
 
     return connect(environ)
 
@@ -196,7 +199,7 @@ def trust_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: 
         import os
         import socket
 
-        from farm.docker_backend import DockerBackend
+        from farm.engine.servers import DockerBackend
 
         backend = DockerBackend.from_env(gcfg, env)
         servers = [s for s in backend.list_servers() if s.running]
@@ -259,7 +262,7 @@ def mdns_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: T
 
     def run(ns: argparse.Namespace, gcfg: GlobalConfig, env: Mapping[str, str], o: TextIO,
             e: TextIO) -> int:
-        from farm import advertiser
+        from farm.discovery import advertiser
 
         advertiser.configure_logging(e)
         adv = advertiser.Advertiser(lambda: _client(env), _prefix(env),
@@ -330,7 +333,7 @@ ACTIONS: dict[str, Action] = {
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - debugging aid
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in ACTIONS:
-        print(f"usage: python -m farm.tools {{{','.join(ACTIONS)}}} ...", file=sys.stderr)
+        print(f"usage: python -m farm.manual.actions {{{','.join(ACTIONS)}}} ...", file=sys.stderr)
         return EXIT_USAGE
     return ACTIONS[args[0]](args[1:], dict(__import__("os").environ), sys.stdout, sys.stderr)
 

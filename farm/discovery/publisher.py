@@ -10,9 +10,9 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from farm.mdns import SERVICE_TYPE, Changes, Service, ServiceKey
+from farm.discovery.mdns import SERVICE_TYPE, Changes, Service, ServiceKey
 
-log = logging.getLogger("farm.advertiser")
+log = logging.getLogger("farm.discovery.advertiser")
 OP_TIMEOUT = 10.0  # seconds for one batch of zeroconf operations
 
 

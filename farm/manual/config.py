@@ -17,16 +17,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from farm.arch import Arch
-from farm.errors import ArchError, ConfigError
-from farm.mirror import host_debian_mirror
-from farm.spec import (
+from farm.core.arch import Arch
+from farm.core.errors import ArchError, ConfigError
+from farm.core.spec import (
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
     GlobalConfig,
     ServerConfig,
     Strategy,
 )
+from farm.kernels.mirror import host_debian_mirror
 
 DEFAULT_GLOBAL_FILE = "/etc/sysconfig/stap-server"
 MAX_CONFIG_BYTES = 1 << 20  # no configuration file is this large
@@ -752,8 +752,8 @@ def parse_global_text(text: str, path: str, base: GlobalConfig, environ: Mapping
 
 
 def _offer_ok(word: str) -> bool:
-    from farm.arch import Arch
-    from farm.errors import FarmError
+    from farm.core.arch import Arch
+    from farm.core.errors import FarmError
 
     arch, sep, release = word.partition(":")
     try:

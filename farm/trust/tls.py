@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from OpenSSL import SSL, crypto
 
-from farm.errors import ServerError
+from farm.core.errors import ServerError
 
 
 def certinfo(serial: int) -> str:

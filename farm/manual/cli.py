@@ -12,10 +12,22 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO, cast
 
-from farm import statfile
-from farm.arch import Arch
-from farm.backend import Backend, RunningServer
-from farm.config import (
+from farm.core.arch import Arch
+from farm.core.errors import (
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    ArchError,
+    ConfigError,
+    FarmError,
+    ImageError,
+    KernelTreeError,
+    ServerError,
+    UsageError,
+)
+from farm.core.spec import GlobalConfig, ServerConfig, Strategy
+from farm.manual import actions, statfile
+from farm.manual.backend import Backend, RunningServer
+from farm.manual.config import (
     MAX_PID,
     MAX_PORT,
     MAX_REQUEST_BYTES,
@@ -32,20 +44,16 @@ from farm.config import (
     server_user_problem,
     shown,
 )
-from farm.errors import (
-    EXIT_NOT_RUNNING,
-    EXIT_OK,
-    ArchError,
-    ConfigError,
-    FarmError,
-    ImageError,
-    KernelTreeError,
-    ServerError,
-    UsageError,
+from farm.manual.plan import (
+    Action,
+    PlannedStep,
+    Request,
+    Step,
+    needs_defaults,
+    plan,
+    status_exit_code,
 )
-from farm.plan import Action, PlannedStep, Request, Step, needs_defaults, plan, status_exit_code
-from farm.render import PROG, USAGE, status_json, status_line, step_header
-from farm.spec import GlobalConfig, ServerConfig, Strategy
+from farm.manual.render import PROG, USAGE, status_json, status_line, step_header
 
 _VALUE_SHORT = set("acBDInprRu")
 _UNSUPPORTED_SHORT = {
@@ -425,7 +433,7 @@ def _locked(state_dir: str) -> Iterator[None]:
 def _make_backend(g: GlobalConfig, environ: Mapping[str, str]) -> Backend:
     # Imported here: the Docker SDK is needed only when servers are really managed.
     try:
-        module = importlib.import_module("farm.docker_backend")
+        module = importlib.import_module("farm.engine.servers")
     except ImportError as e:
         raise FarmError(f"the Docker backend is not available: {e}") from e
     backend: Backend = module.DockerBackend.from_env(g, environ)
@@ -578,17 +586,15 @@ def _dispatch(argv: list[str], environ: Mapping[str, str], out: TextIO, err: Tex
     if name in ("-h", "--help", "help"):
         out.write(USAGE)
         return EXIT_OK
-    from farm import tools  # the farm's own actions (images, kernels, trust...)
-
-    if name in tools.ACTIONS:
-        return tools.ACTIONS[name](argv[1:], environ, out, err)
+    if name in actions.ACTIONS:
+        return actions.ACTIONS[name](argv[1:], environ, out, err)
     if name == "reload":
         err.write(f"{PROG}: reload is not supported; use force-reload\n")
         return EXIT_NOT_RUNNING
     try:
         action = Action(name)
     except ValueError:
-        names = [a.value for a in Action] + sorted(tools.ACTIONS)
+        names = [a.value for a in Action] + sorted(actions.ACTIONS)
         close = difflib.get_close_matches(name, names, n=1)
         raise UsageError(f"unknown action '{shown(name)}'",
                          hint=f"did you mean '{close[0]}'?" if close else None) from None

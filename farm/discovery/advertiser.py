@@ -4,9 +4,9 @@ Docker events (filtered by the farm's owner label) wake it, a periodic resync ca
 events miss, and an engine that goes away is reconnected to and resynced. Each running server
 is advertised once it answers TLS on its published port: certinfo comes from the live
 certificate, the systemtap version from `stap -V` in the server's image (once per image).
-Records are farm.mdns's; the sockets are farm.zeroconf_publisher's.
+Records are farm.discovery.mdns's; the sockets are farm.discovery.publisher's.
 
-    python3 -m farm.advertiser --prefix stapfarm [--interface IFACE_OR_ADDRESS]...
+    python3 -m farm.discovery.advertiser --prefix stapfarm [--interface IFACE_OR_ADDRESS]...
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, Self
 
-from farm import labels, mdns, tlsprobe
-from farm.errors import FarmError, ServerError
-from farm.mdns import Changes, ObservedServer, Service, ServiceKey
+from farm.core import labels
+from farm.core.errors import FarmError, ServerError
+from farm.discovery import mdns
+from farm.discovery.mdns import Changes, ObservedServer, Service, ServiceKey
+from farm.trust import tls as tlsprobe
 
-log = logging.getLogger("farm.advertiser")
+log = logging.getLogger("farm.discovery.advertiser")
 
 RESYNC_INTERVAL = 5.0  # seconds between full resyncs when nothing happens
 FAST_RETRY = 0.25  # seconds between tries while a server has not answered TLS yet
@@ -44,13 +46,13 @@ class Publisher(Protocol):
 
 
 def _default_publisher(addresses: list[str]) -> Publisher:
-    from farm.zeroconf_publisher import ZeroconfPublisher
+    from farm.discovery.publisher import ZeroconfPublisher
 
     return ZeroconfPublisher(addresses)
 
 
 def _default_interfaces() -> Mapping[str, Sequence[str]]:
-    from farm.zeroconf_publisher import host_interfaces
+    from farm.discovery.publisher import host_interfaces
 
     return host_interfaces()
 
@@ -392,8 +394,8 @@ def configure_logging(stream: Any = None, level: int = logging.INFO) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python3 -m farm.advertiser`: the advertiser container's command."""
-    p = argparse.ArgumentParser(prog="farm.advertiser",
+    """`python3 -m farm.discovery.advertiser`: the advertiser container's command."""
+    p = argparse.ArgumentParser(prog="farm.discovery.advertiser",
                                 description="Advertise the farm's servers over mDNS.")
     p.add_argument("--prefix", default="stapfarm", help="the farm's owner label")
     p.add_argument("--interface", action="append", default=[],
@@ -404,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true")
     ns = p.parse_args(argv)
     configure_logging(level=logging.DEBUG if ns.debug else logging.INFO)
-    from farm.dockerclient import connect
+    from farm.engine.docker import connect
 
     adv = Advertiser(lambda: connect(), ns.prefix, ns.interface, ns.probe_address,
                      resync_interval=ns.resync)

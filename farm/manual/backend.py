@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from farm.spec import ServerConfig
+from farm.core.spec import ServerConfig
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class RunningServer:
 
 
 class Backend(Protocol):
-    """Runs servers. Every method may raise a `farm.errors.FarmError` subclass."""
+    """Runs servers. Every method may raise a `farm.core.errors.FarmError` subclass."""
 
     def list_servers(self) -> list[RunningServer]:
         """Every server the farm manages, running or stale."""

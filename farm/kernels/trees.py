@@ -25,10 +25,10 @@ from typing import Any
 
 from debian.debian_support import Version
 
-from farm import labels
-from farm.arch import Arch
-from farm.debian import Mirror, Package, depends_names, iter_data_members
-from farm.errors import ImageError, KernelTreeError
+from farm.core import labels
+from farm.core.arch import Arch
+from farm.core.errors import ImageError, KernelTreeError
+from farm.kernels.debian import Mirror, Package, depends_names, iter_data_members
 
 MOUNT = "/srv/stapfarm/kernels"
 MANIFESTS = ".stapfarm/trees"

@@ -6,15 +6,15 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from farm.backend import RunningServer
-from farm.config import BadServerFile
-from farm.plan import PlannedStep, Step
-from farm.spec import (
+from farm.core.spec import (
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
     ServerConfig,
     Strategy,
 )
+from farm.manual.backend import RunningServer
+from farm.manual.config import BadServerFile
+from farm.manual.plan import PlannedStep, Step
 
 PROG = "stap-server"
 

@@ -6,11 +6,11 @@ import os
 import sys
 from pathlib import Path
 
-from farm.arch import Arch
-from farm.config import load_global
-from farm.debian import Mirror, iter_data_members
-from farm.errors import FarmError
-from farm.spec import GlobalConfig
+from farm.core.arch import Arch
+from farm.core.errors import FarmError
+from farm.core.spec import GlobalConfig
+from farm.kernels.debian import Mirror, iter_data_members
+from farm.manual.config import load_global
 
 PLUGIN_DIR = Path("/usr/local/lib/docker/cli-plugins")
 COMPOSE_MEMBER = "./usr/libexec/docker/cli-plugins/docker-compose"
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"setup: installed the compose plugin at {path}")
         return 0
-    print("usage: python -m farm.hostsetup compose-plugin", file=sys.stderr)
+    print("usage: python -m farm.manual.hostsetup compose-plugin", file=sys.stderr)
     return 2
 
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from farm.errors import ConfigError
+from farm.core.errors import ConfigError
 
 SERVICE_TYPE = "_stap._tcp.local."
 BASE_NAME = "Systemtap Compile Server on "

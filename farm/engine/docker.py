@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from farm.errors import DockerUnavailable
+from farm.core.errors import DockerUnavailable
 
 
 def connect(environ: Mapping[str, str] | None = None) -> Any:

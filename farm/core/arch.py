@@ -6,7 +6,7 @@ import difflib
 import platform
 from dataclasses import dataclass
 
-from farm.errors import ArchError
+from farm.core.errors import ArchError
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ from typing import IO
 from debian.deb822 import Packages, PkgRelation, Release
 from debian.debian_support import version_compare
 
-from farm import mirror as host_mirror
-from farm.errors import MirrorError
-from farm.spec import GlobalConfig
+from farm.core.errors import MirrorError
+from farm.core.spec import GlobalConfig
+from farm.kernels import mirror as host_mirror
 
 # debian-archive-keyring: `.pgp` since trixie, `.gpg` before (and as a link on trixie).
 KEYRINGS = ("/usr/share/keyrings/debian-archive-keyring.pgp",

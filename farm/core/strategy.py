@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from farm.arch import Arch
-from farm.spec import Strategy
+from farm.core.arch import Arch
+from farm.core.spec import Strategy
 
 # What each image carries besides its native compiler (images/Dockerfile.*: COMPILERS).
 CROSS_TARGETS: dict[str, frozenset[str]] = {

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from farm import labels
-from farm.arch import Arch
-from farm.errors import ImageError
-from farm.spec import GlobalConfig
+from farm.core import labels
+from farm.core.arch import Arch
+from farm.core.errors import ImageError
+from farm.core.spec import GlobalConfig
 
 Say = Callable[[str], None]
 SUITE = "forky"  # systemtap >= 5.6: see images/Dockerfile.x86_64

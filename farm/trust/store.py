@@ -13,9 +13,10 @@ from typing import Any
 
 from OpenSSL import crypto
 
-from farm import labels, tlsprobe
-from farm.backend import RunningServer
-from farm.errors import FarmError, ServerError
+from farm.core import labels
+from farm.core.errors import FarmError, ServerError
+from farm.manual.backend import RunningServer
+from farm.trust import tls as tlsprobe
 
 GLOBAL_CLIENT_DB = "/etc/systemtap/ssl/client"
 SIGNER_DB = "/etc/systemtap/staprun"
@@ -98,7 +99,7 @@ def script_text(host: str) -> str:
     Raises:
         FarmError: HOST is not a DNS name.
     """
-    text = resources.files("farm").joinpath("trust_script.sh").read_text()
+    text = resources.files("farm.trust").joinpath("trust_script.sh").read_text()
     return text.replace("@HOST@", check_host(host))
 
 

@@ -1,0 +1,1 @@
+"""Pure values and rules: architectures, configurations, strategies, errors, labels."""

@@ -1,0 +1,1 @@
+"""Discovery: mDNS records, the advertiser, the zeroconf publisher."""

@@ -1,0 +1,1 @@
+"""The Docker engine adapter: every Docker call, container and service specs, images."""

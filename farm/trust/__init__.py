@@ -1,0 +1,1 @@
+"""Trust: TLS probing of servers, certificates, the exported trust bundle."""
