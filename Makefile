@@ -7,7 +7,8 @@ IMAGE_BUILD_FLAGS ?= --allow-expired-release
 export IMAGE_BUILD_FLAGS
 PYTEST_FLAGS ?=
 
-.PHONY: setup up down test test-fast lint clean-test bench
+.PHONY: setup up down test test-fast test-unit test-integration test-e2e test-engine-restart lint \
+	clean-test bench
 
 setup:
 	bash scripts/setup.sh
@@ -37,8 +38,6 @@ up: setup
 	echo "stapfarm: releases x86_64 $$x86, aarch64 $$arm"; \
 	$(SS) kernels add -a x86_64 -r "$$x86" $(KERNEL_FLAGS); \
 	$(SS) kernels add -a aarch64 -r "$$arm" $(KERNEL_FLAGS); \
-	$(PY) -c 'from farm.engine import advertiser as a, docker as dockerclient; from farm.manual import config; import os; \
-	  a.ensure_image(dockerclient.connect(), config.load_global([], os.environ), print)'; \
 	export STAPFARM_PREFIX=$$prefix STAPFARM_RELEASE_X86_64=$$x86 STAPFARM_RELEASE_ARM64=$$arm; \
 	export STAPFARM_HOSTNAME=$${STAPFARM_HOSTNAME:-$$(hostname)}; \
 	export STAPFARM_KERNELS_VOLUME=$${STAPFARM_KERNELS_VOLUME:-$$prefix-kernels-amd64}; \
@@ -77,9 +76,22 @@ test: setup
 test-fast:
 	$(PY) -m pytest -m "not docker and not slow" $(PYTEST_FLAGS)
 
+# One tier at a time (make test runs them all, the engine restart last).
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_FLAGS)
+test-integration: setup
+	$(PY) -m pytest tests/integration $(PYTEST_FLAGS)
+test-e2e: setup
+	$(PY) -m pytest tests/e2e -m "not engine_restart" $(PYTEST_FLAGS)
+test-engine-restart: setup
+	$(PY) -m pytest tests/e2e -m engine_restart $(PYTEST_FLAGS)
+
+# ruff, mypy strict over every package, and the house rules (import cycles, layers,
+# function-local imports, module sizes, the Docker SDK in farm/engine only, README layout).
 lint:
-	$(PY) -m ruff check farm tests
+	$(PY) -m ruff check farm tests bench
 	$(PY) -m mypy farm
+	$(PY) -m pytest -q tests/unit/test_architecture.py
 
 # `make bench`: the benchmark harness (issue 8), not a test; BENCH_FLAGS=--quick for the
 # developer's loop. Results go to bench/results/<date>.{json,md,png}; see bench/README.md.

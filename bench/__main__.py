@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:  # tests.support.* (the client image helpers) and 
 from bench import env as benv
 from bench import measure, report
 from bench.env import say
-from farm.engine import docker as dockerclient
+from farm.engine.docker import Engine
 from tests.support.client import authorize_cert
 
 
@@ -181,7 +181,7 @@ def write(res: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    docker_client = dockerclient.connect()
+    docker_client = Engine.connect().client
     if args.drop_trees:
         for name in benv.drop_trees(docker_client):
             say(f"removed {name}")

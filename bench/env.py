@@ -28,6 +28,8 @@ from farm.core import labels
 from farm.core.arch import ARM64, X86_64, Arch
 from farm.core.spec import GlobalConfig
 from farm.engine import images
+from farm.engine.docker import Engine
+from farm.engine.trees import TreeStore
 from farm.kernels import trees as kernels
 from farm.kernels.debian import Mirror
 from farm.manual import config
@@ -154,8 +156,8 @@ def ensure_trees(env: BenchEnv, emulated: bool) -> list[dict[str, Any]]:
     done = []
     for image_arch, target in wanted:
         _ensure_cache_volume(env, image_arch)
-        store = kernels.TreeStore(env.docker, PREFIX, image_arch, env.images[image_arch.stap],
-                                  test_label=env.label)
+        store = TreeStore(Engine(env.docker, PREFIX, env.label), image_arch,
+                          env.images[image_arch.stap])
         rel = env.releases[target.stap]
         had = store.get(rel) is not None
         if not had:

@@ -14,8 +14,8 @@ from bench import runs
 from bench.env import PREFIX, UPSTREAM_KIND, BenchEnv, say
 from farm.core import labels
 from farm.core.errors import ServerError
-from farm.endpoint import service as endpoint_service
-from farm.engine import docker as dockerclient
+from farm.endpoint import containers as endpoint_service
+from farm.engine.docker import Engine
 from farm.trust import tls as tlsprobe
 
 HELLO = 'probe begin { println("hello"); exit() }'
@@ -394,7 +394,7 @@ def _concurrent(env: BenchEnv, server: dict[str, Any], n: int, tag: str) -> dict
     got: list[Any] = [None] * n
 
     def one(i: int) -> None:
-        dc = dockerclient.connect()
+        dc = Engine.connect().client
         try:
             c = dc.containers.get(client_id)
             script = f'probe begin {{ println("bench {tag} client {i}"); exit() }}'

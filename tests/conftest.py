@@ -1,4 +1,5 @@
-"""Session-level fixtures for tests that use the real Docker engine, and helpers they share.
+"""Session-level fixtures for tests that use the real Docker engine (fixtures only: the
+helpers tests import live in tests/support/).
 
 Everything a test creates in Docker (containers, volumes, networks) carries the label
 `org.stapfarm.test=<session id>` (farm.core.labels.TEST); the `test_label` fixture's finalizer
@@ -17,22 +18,18 @@ Fixtures (all session-scoped):
     kernel_trees     KernelTrees: lazily built trees, at most once per session
     farm_environ     environ for farm.manual.actions actions (test prefix, test label, private state)
     test_network     a labelled bridge network
+    gateway          the host's address on test_network
 
-Helpers (import with `from tests.conftest import run_stap, elf_machine, vermagic`):
-    run_stap(docker_client, image, volume, args, files=None, platform=None, *,
-             test_label=None, timeout=1800) -> (exit_code, output, {name: module bytes})
-    elf_machine(data) -> int          vermagic(data) -> str
-    cleanup_label(docker_client, label) -> list[str]   (problems; [] when all went)
+Ordering: tests marked `engine_restart` (they restart the machine's Docker engine) run last,
+whatever their file's name.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,33 +43,32 @@ from farm.core import labels
 from farm.core.arch import ARM64, X86_64, Arch
 from farm.core.errors import DockerUnavailable
 from farm.engine import images
+from farm.engine.docker import Engine
+from farm.engine.trees import TreeStore
 from farm.kernels import trees as kernels
 from farm.kernels.debian import Mirror
 from tests.support.resources import cleanup_label
-from tests.support.stap_run import run_in_image
-
-SUITES = ("trixie",)  # Debian 13: the kernels the issue asks the farm to build for
-
+from tests.support.trees import SUITES, KernelTrees
 
 # --------------------------------------------------------------------------- engine
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that uses the engine is a `docker` test, marked or not (so `-m "not docker"`
-    really runs without an engine)."""
+    really runs without an engine); tests marked `engine_restart` run last (they restart the
+    machine's Docker engine, which every other test would feel)."""
     for item in items:
         if "docker_client" in getattr(item, "fixturenames", ()) and \
                 item.get_closest_marker("docker") is None:
             item.add_marker(pytest.mark.docker)
+    items.sort(key=lambda item: item.get_closest_marker("engine_restart") is not None)
 
 
 @pytest.fixture(scope="session")
 def docker_client() -> Any:
     """The Docker engine. Unreachable is a failure: CI must not pass by skipping."""
     try:
-        from farm.engine.docker import connect
-
-        client = connect()
+        client = Engine.connect().client
     except DockerUnavailable as e:
         if os.environ.get("STAPFARM_ALLOW_NO_DOCKER") == "1":
             pytest.skip(f"no Docker engine (STAPFARM_ALLOW_NO_DOCKER=1): {e}")
@@ -173,62 +169,13 @@ def server_images(docker_client: Any) -> dict[str, str]:
     return tags
 
 
-@dataclass
-class KernelTrees:
-    """The session's kernel trees, in test-prefixed volumes, each added at most once.
-
-    The x86_64 image's trees (native amd64 and cross arm64) carry debuginfo, so DWARF probes
-    compile; the aarch64 image's arm64 tree (emulated strategy) does not.
-    """
-
-    client: Any
-    mirror: Mirror
-    releases: dict[str, str]
-    stores: dict[str, kernels.TreeStore]
-    debuginfo: dict[str, bool]
-    log: list[str] = field(default_factory=list)
-    _done: dict[tuple[str, str], kernels.KernelTree | Exception] = field(
-        default_factory=dict)
-
-    def store(self, image_arch: Arch) -> kernels.TreeStore:
-        return self.stores[image_arch.stap]
-
-    def volume(self, image_arch: Arch) -> str:
-        """The kernel volume to mount at /srv/stapfarm/kernels in IMAGE_ARCH's image."""
-        return self.stores[image_arch.stap].volume
-
-    def image(self, image_arch: Arch) -> str:
-        return self.stores[image_arch.stap].image
-
-    def release(self, target: Arch) -> str:
-        return self.releases[target.stap]
-
-    def tree(self, image_arch: Arch, target: Arch) -> kernels.KernelTree:
-        """TARGET's newest release, present in IMAGE_ARCH's volume (added on first use).
-
-        A failure is remembered and raised again, so a broken download is tried once only.
-        """
-        key = (image_arch.stap, target.stap)
-        if key not in self._done:
-            try:
-                self._done[key] = self.store(image_arch).add(
-                    self.mirror, SUITES, target, self.release(target),
-                    debuginfo=self.debuginfo[image_arch.stap], say=self.log.append)
-            except Exception as e:  # noqa: BLE001 - remembered, re-raised below
-                self._done[key] = e
-        got = self._done[key]
-        if isinstance(got, Exception):
-            raise got
-        return got
-
-
 @pytest.fixture(scope="session")
 def kernel_trees(docker_client: Any, mirror: Mirror, releases: dict[str, str],
                  server_images: dict[str, str], test_prefix: str,
                  test_label: str) -> KernelTrees:
     """Trees for the newest trixie releases: call .tree(image_arch, target) to get one."""
-    stores = {a.stap: kernels.TreeStore(docker_client, test_prefix, a, server_images[a.stap],
-                                        test_label=test_label) for a in (X86_64, ARM64)}
+    engine = Engine(docker_client, test_prefix, test_label)
+    stores = {a.stap: TreeStore(engine, a, server_images[a.stap]) for a in (X86_64, ARM64)}
     return KernelTrees(client=docker_client, mirror=mirror, releases=releases, stores=stores,
                        debuginfo={X86_64.stap: True, ARM64.stap: False})
 
@@ -275,90 +222,3 @@ def gateway(docker_client: Any, test_network: Any) -> str:
     from tests.support.client import network_gateway
 
     return network_gateway(docker_client, test_network)
-
-# --------------------------------------------------------------------------- run_stap
-
-
-def _label_of_volume(client: Any, volume: str) -> str:
-    import docker.errors
-
-    try:
-        return str((client.volumes.get(volume).attrs.get("Labels") or {}).get(labels.TEST, ""))
-    except docker.errors.NotFound:
-        return ""
-
-
-def run_stap(docker_client: Any, image: str, volume: str, args: list[str],
-             files: Mapping[str, bytes | str] | None = None, platform: str | None = None, *,
-             test_label: str | None = None,
-             timeout: float = 1800) -> tuple[int, str, dict[str, bytes]]:
-    """Run `stap ARGS` in a throwaway container of IMAGE as the farm's servers would.
-
-    Read-only root, tmpfs /tmp and home, kernel VOLUME read-only at /srv/stapfarm/kernels,
-    user stap-server, no network. FILES (name -> content) are placed in stap's working
-    directory, a labelled per-run volume, from which the produced *.ko files are copied with
-    get_archive. The container and its work volume carry the test label (TEST_LABEL, else
-    VOLUME's) and are removed before returning.
-
-    Returns (exit code, stdout+stderr, {module file name: bytes}); exit code 124 and no
-    modules when stap did not finish within TIMEOUT seconds.
-    """
-    label = test_label or _label_of_volume(docker_client, volume)
-    if not label:
-        raise ValueError(f"run_stap: volume {volume} has no {labels.TEST} label; pass "
-                         "test_label= so the run is cleaned up")
-    code, output, modules, _ = run_in_image(docker_client, image, volume, args, label, files,
-                                            platform, timeout=timeout)
-    return code, output, modules
-
-
-# --------------------------------------------------------------------------- ELF
-
-
-def elf_machine(data: bytes) -> int:
-    """The ELF e_machine of DATA (62 x86-64, 183 AArch64)."""
-    if data[:4] != b"\x7fELF":
-        raise ValueError("not an ELF file")
-    endian = "<" if data[5] == 1 else ">"
-    return int(struct.unpack_from(endian + "H", data, 18)[0])
-
-
-def elf_section(data: bytes, name: str) -> bytes:
-    """The contents of section NAME of the ELF file DATA."""
-    if data[:4] != b"\x7fELF":
-        raise ValueError("not an ELF file")
-    is64 = data[4] == 2
-    e = "<" if data[5] == 1 else ">"
-    if is64:
-        shoff = struct.unpack_from(e + "Q", data, 0x28)[0]
-        shentsize, shnum, shstrndx = struct.unpack_from(e + "HHH", data, 0x3A)
-    else:
-        shoff = struct.unpack_from(e + "I", data, 0x20)[0]
-        shentsize, shnum, shstrndx = struct.unpack_from(e + "HHH", data, 0x2E)
-
-    def header(i: int) -> tuple[int, int, int]:
-        base = shoff + i * shentsize
-        if is64:
-            sh_name = struct.unpack_from(e + "I", data, base)[0]
-            offset, size = struct.unpack_from(e + "QQ", data, base + 24)
-        else:
-            sh_name = struct.unpack_from(e + "I", data, base)[0]
-            offset, size = struct.unpack_from(e + "II", data, base + 16)
-        return sh_name, offset, size
-
-    _, str_off, str_size = header(shstrndx)
-    names = data[str_off:str_off + str_size]
-    for i in range(shnum):
-        sh_name, offset, size = header(i)
-        end = names.find(b"\0", sh_name)
-        if names[sh_name:end].decode("ascii", "replace") == name:
-            return data[offset:offset + size]
-    raise ValueError(f"no section {name}")
-
-
-def vermagic(data: bytes) -> str:
-    """The `vermagic=` string of a kernel module's .modinfo section."""
-    for entry in elf_section(data, ".modinfo").split(b"\0"):
-        if entry.startswith(b"vermagic="):
-            return entry[len(b"vermagic="):].decode("utf-8", "replace")
-    raise ValueError("no vermagic in .modinfo")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 # Practical request limits. Upstream's 50000/5000 bytes silently drop ordinary requests
 # (a one-line script request is ~3.8 kB compressed; a tapset directory is far more).
@@ -44,6 +46,31 @@ class ServerConfig:
     max_compressed_request: int | None = None
     strategy: Strategy = Strategy.AUTO
     source: str = ""  # the .conf file it came from, "" for the command line
+
+    def to_dict(self) -> dict[str, Any]:
+        """The one serialisation of a server configuration: Docker labels, `status --json`,
+        compose files (JSON types; `strategy` by value)."""
+        return {"arch": self.arch, "releases": list(self.releases), "build": list(self.build),
+                "include": list(self.include), "define": list(self.define),
+                "runtime": self.runtime, "user": self.user, "nickname": self.nickname,
+                "log": self.log, "port": self.port, "ssl": self.ssl,
+                "max_threads": self.max_threads, "max_request_size": self.max_request_size,
+                "max_compressed_request": self.max_compressed_request,
+                "strategy": self.strategy.value, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ServerConfig:
+        """The configuration `to_dict` wrote.
+
+        Raises:
+            ValueError, TypeError, KeyError: D is not one.
+        """
+        known = {f.name for f in fields(cls)}
+        args = {k: v for k, v in d.items() if k in known}
+        for key in ("releases", "build", "include", "define"):
+            args[key] = tuple(str(x) for x in (d.get(key) or ()))
+        args["strategy"] = Strategy(d.get("strategy", "auto"))
+        return cls(**args)
 
     def identity(self) -> tuple[object, ...]:
         """What makes two configurations the same server (everything but nickname/source)."""
@@ -95,4 +122,20 @@ class GlobalConfig:
     endpoint_max_response: str = "64m"  # the largest server response accepted
     endpoint_provision_idle: int = 14400  # seconds unused before a provisioned server goes
     endpoint_max_provisioned: int = 8
+    # Set by the environment only (docs/cli.md, "Environment"): tests, a second farm on one
+    # host, the compose farm.
+    prefix: str = "stapfarm"  # the owner label and the first word of every resource name
+    test_label: str = ""  # org.stapfarm.test on every resource ("" = none)
+    hostname: str = ""  # the name clients use for this host ("" = the machine's name)
+    home_volume: str = ""  # a compose farm's named volume for servers' HOME ("" = STATE_DIR)
+    log_volume: str = ""  # its volume for servers' logs ("" = home_volume)
+    server_ids: tuple[int, int] = (155, 155)  # uid, gid of servers on home_volume
+    images_dir: str = ""  # the Dockerfiles' directory ("" = the package's images/)
     sources: tuple[str, ...] = field(default=())  # global files that were read
+
+    @property
+    def probe_address(self) -> str:
+        """Where this host's published ports answer: LISTEN_ADDRESS, loopback for "any".
+        The one rule for everything that probes a server or the endpoint from the host."""
+        return "127.0.0.1" if self.listen_address in ("", "0.0.0.0", "::") \
+            else self.listen_address

@@ -25,6 +25,8 @@ from farm.core import labels
 from farm.core.errors import FarmError, ServerError
 from farm.discovery import mdns
 from farm.discovery.mdns import Changes, ObservedServer, Service, ServiceKey
+from farm.discovery.publisher import ZeroconfPublisher, host_interfaces
+from farm.engine.docker import Engine, started_at
 from farm.trust import tls as tlsprobe
 
 log = logging.getLogger("farm.discovery.advertiser")
@@ -46,14 +48,10 @@ class Publisher(Protocol):
 
 
 def _default_publisher(addresses: list[str]) -> Publisher:
-    from farm.discovery.publisher import ZeroconfPublisher
-
     return ZeroconfPublisher(addresses)
 
 
 def _default_interfaces() -> Mapping[str, Sequence[str]]:
-    from farm.discovery.publisher import host_interfaces
-
     return host_interfaces()
 
 
@@ -64,7 +62,7 @@ class Advertiser:
     and starts two threads (events, resync); close() withdraws everything (goodbyes).
     """
 
-    def __init__(self, connect: Callable[[], Any], prefix: str,
+    def __init__(self, connect: Callable[[], Engine], prefix: str,
                  interfaces: Sequence[str] = (), probe_address: str = "127.0.0.1", *,
                  resync_interval: float = RESYNC_INTERVAL,
                  publisher: Callable[[list[str]], Publisher] = _default_publisher,
@@ -132,7 +130,7 @@ class Advertiser:
         stream = self._stream
         if stream is not None:
             with contextlib.suppress(Exception):  # closing a broken stream is best effort
-                stream.close()
+                stream.close_events()
         for t in self._threads:
             t.join(timeout=10)
         self._threads = []
@@ -160,15 +158,13 @@ class Advertiser:
             self._wake.wait(delay)
 
     def _events_loop(self) -> None:
-        flt = {"type": ["container"],
-               "label": [f"{labels.OWNER}={self.prefix}", f"{labels.KIND}=server"]}
         while not self._stop.is_set():
-            client = None
+            engine = None
             try:
-                client = self._connect()
-                self._stream = client.events(decode=True, filters=flt)
+                engine = self._connect()
+                self._stream = engine
                 self._wake.set()  # (re)connected: resync now
-                for _event in self._stream:
+                for _event in engine.events("server"):
                     self._wake.set()
                     if self._stop.is_set():
                         break
@@ -177,9 +173,9 @@ class Advertiser:
                     log.warning("Docker events interrupted (%s); reconnecting", e)
             finally:
                 self._stream = None
-                if client is not None:
+                if engine is not None:
                     with contextlib.suppress(Exception):  # best effort
-                        client.close()
+                        engine.close()
             self._wake.set()
             self._stop.wait(RECONNECT_DELAY)
 
@@ -246,22 +242,19 @@ class Advertiser:
         self._published = {}
 
     # ------------------------------------------------------------------ Docker
-    def _observe(self, client: Any) -> tuple[list[ObservedServer], bool]:
+    def _observe(self, engine: Engine) -> tuple[list[ObservedServer], bool]:
         """The running servers that answer TLS, and whether some are still starting."""
-        containers = client.containers.list(filters={
-            "label": [f"{labels.OWNER}={self.prefix}", f"{labels.KIND}=server"],
-            "status": "running"})
+        containers = engine.containers("server", running=True)
         servers: list[ObservedServer] = []
         pending = False
         runs = set()
         now = self._clock()
         for c in containers:
-            attrs = c.attrs
-            run = (str(c.id), str(attrs.get("State", {}).get("StartedAt", "")))
+            run = (str(c.id), started_at(c))
             runs.add(run)
             self._first_seen.setdefault(run, now)
             try:
-                server = self._server(c, run)
+                server = self._server(engine, c, run)
             except ServerError as e:
                 if now - self._first_seen[run] < FAST_WINDOW:
                     pending = True
@@ -269,7 +262,7 @@ class Advertiser:
                 continue
             if server is not None:
                 servers.append(server)
-        endpoint = self._endpoint(client, runs)
+        endpoint = self._endpoint(engine, runs)
         if endpoint is not None and servers:
             servers = mdns.endpoint_view(servers, **endpoint)
         for cache in (self._certs, self._first_seen):
@@ -279,17 +272,15 @@ class Advertiser:
                                if (k[0], k[1]) in runs}
         return servers, pending
 
-    def _endpoint(self, client: Any, runs: set[tuple[str, str]]) -> dict[str, Any] | None:
+    def _endpoint(self, engine: Engine, runs: set[tuple[str, str]]) -> dict[str, Any] | None:
         """The running farm endpoint of the prefix, as mdns.endpoint_view's arguments (None
         when there is none, or it does not answer TLS yet)."""
-        found = client.containers.list(filters={
-            "label": [f"{labels.OWNER}={self.prefix}", f"{labels.KIND}=endpoint"],
-            "status": "running"})
+        found = engine.containers("endpoint", running=True)
         if not found:
             return None
         c = found[0]
         port = int(c.labels.get(labels.PORT, "0") or 0)
-        run = (str(c.id), str(c.attrs.get("State", {}).get("StartedAt", "")))
+        run = (str(c.id), started_at(c))
         runs.add(run)
         cert = self._certs.get(run)
         if cert is None:
@@ -308,7 +299,7 @@ class Advertiser:
                 offers.append((arch, rel))
         return {"endpoint_id": str(c.name), "port": port, "certinfo": cert, "offers": offers}
 
-    def _server(self, c: Any, run: tuple[str, str]) -> ObservedServer | None:
+    def _server(self, engine: Engine, c: Any, run: tuple[str, str]) -> ObservedServer | None:
         """What to advertise for container C.
 
         Raises:
@@ -326,47 +317,40 @@ class Advertiser:
             x509 = self._probe(self.probe_address, port, timeout=2.0)
             cert = tlsprobe.certinfo(int(x509.get_serial_number()))
             self._certs[run] = cert
-        version = self._version(c, str(attrs.get("Image", "")))
-        releases = tuple(self._release(c, run, r) for r in args.releases)
+        version = self._version(engine, c, str(attrs.get("Image", "")))
+        releases = tuple(self._release(engine, c, run, r) for r in args.releases)
         return ObservedServer(server_id=str(c.name), host=str(config.get("Hostname", "")),
                               port=port, arch=args.arch, releases=releases,
                               optinfo=args.optinfo, version=version, certinfo=cert)
 
-    def _exec(self, c: Any, cmd: list[str]) -> str:
-        try:
-            code, output = c.exec_run(cmd)
-        except Exception as e:  # docker's errors: retried on the next pass
-            raise ServerError(f"exec {cmd[0]} in {c.name} failed: {e}") from e
-        text = output.decode("utf-8", "replace") if isinstance(output, bytes) else str(output)
+    @staticmethod
+    def _exec(engine: Engine, c: Any, cmd: list[str]) -> str:
+        code, text = engine.exec(c, cmd)  # ServerError: retried on the next pass
         if code != 0:
             raise ServerError(f"`{' '.join(cmd)}` in {c.name} exited {code}: {text.strip()}")
         return text
 
-    def _version(self, c: Any, image: str) -> str:
+    def _version(self, engine: Engine, c: Any, image: str) -> str:
         if image not in self._versions:
             try:
-                self._versions[image] = mdns.parse_stap_version(self._exec(c, ["stap", "-V"]))
+                self._versions[image] = mdns.parse_stap_version(self._exec(engine, c,
+                                                                            ["stap", "-V"]))
             except ValueError as e:
                 raise ServerError(str(e)) from e
         return self._versions[image]
 
-    def _release(self, c: Any, run: tuple[str, str], release: str) -> str:
+    def _release(self, engine: Engine, c: Any, run: tuple[str, str], release: str) -> str:
         """RELEASE, or the release of the build tree it names (`-r /path`, as upstream)."""
         if not release.startswith("/"):
             return release
         key = (run[0], run[1], release)
         if key not in self._tree_releases:
-            text = self._exec(c, ["cat", f"{release}/include/config/kernel.release"])
+            text = self._exec(engine, c, ["cat", f"{release}/include/config/kernel.release"])
             self._tree_releases[key] = text.strip()
         return self._tree_releases[key]
 
 
 # --------------------------------------------------------------------------- foreground
-
-
-def probe_address(listen_address: str) -> str:
-    """Where the published ports answer on this host."""
-    return "127.0.0.1" if listen_address in ("", "0.0.0.0", "::") else listen_address
 
 
 def run_foreground(advertiser: Advertiser, stop: threading.Event | None = None) -> None:
@@ -406,9 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true")
     ns = p.parse_args(argv)
     configure_logging(level=logging.DEBUG if ns.debug else logging.INFO)
-    from farm.engine.docker import connect
-
-    adv = Advertiser(lambda: connect(), ns.prefix, ns.interface, ns.probe_address,
+    adv = Advertiser(lambda: Engine.connect(prefix=ns.prefix), ns.prefix, ns.interface,
+                     ns.probe_address,
                      resync_interval=ns.resync)
     try:
         run_foreground(adv)

@@ -1,4 +1,5 @@
-"""The endpoint's broker: the only part of the endpoint that talks to the Docker engine.
+"""The endpoint's broker: the only part of the endpoint that talks to the Docker engine
+(through an `Engine`: farm/endpoint/broker_engine.py on Docker, a fake in unit tests).
 
 The front door (farm/endpoint/server.py) faces the network unprivileged and without the
 Docker socket; what needs the engine is here, in a separate container (root, the socket, no
@@ -22,43 +23,26 @@ ENDPOINT_PROVISION_IDLE seconds.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import hashlib
-import io
 import json
 import logging
 import os
 import socketserver
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from farm.core import labels
 from farm.core.arch import Arch
-from farm.core.errors import FarmError, ServerError
-from farm.core.spec import GlobalConfig
-from farm.discovery import mdns
+from farm.core.errors import FarmError
 from farm.endpoint.routing import Target, Upstream
-from farm.engine import images
-from farm.engine.servers import DockerBackend
-from farm.engine.specs import HOME, SSL, config_from_json
-from farm.kernels import trees as kernels
-from farm.kernels.debian import Mirror
-from farm.kernels.trees import MANIFESTS, MOUNT, TreeStore
-from farm.manual.config import Host, ServerDraft, resolve_server
 
 log = logging.getLogger("stapfarm.broker")
 
 MAX_MESSAGE = 1 << 20  # bytes of one request or answer line
 REFRESH = 2.0  # seconds between looks at the engine
-TREE_TTL = 5.0  # seconds a tree digest is reused
-PIN_TTL = 60.0  # seconds a server's certificate is reused (a renewal is seen within this)
 LIST_TTL = 600.0  # seconds the mirror's list of releases is reused
 FAILURE_MEMORY = 600.0  # seconds a failed provisioning of a target is answered from memory
-PROVISIONED = f"{labels.PREFIX}.provisioned"  # label on servers the endpoint started
 
 
 class Engine(Protocol):
@@ -290,165 +274,3 @@ class Broker:
             except Exception as e:  # noqa: BLE001 - the engine restarting: next time
                 log.warning("cannot look at the engine: %s", e)
             stop.wait(REFRESH)
-
-
-# --------------------------------------------------------------------------- Docker
-
-
-@dataclass
-class DockerEngine:
-    """The broker's Engine on a real Docker engine, for the servers of PREFIX."""
-
-    client: Any
-    prefix: str
-    gcfg: GlobalConfig
-    environ: Mapping[str, str]
-    host: str = "127.0.0.1"  # where the servers' published ports answer
-    _trees: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
-    _pins: dict[str, tuple[float, bytes]] = field(default_factory=dict)
-    _version: str = ""
-
-    def _containers(self, *extra: str) -> list[Any]:
-        return list(self.client.containers.list(filters={"label": [
-            f"{labels.OWNER}={self.prefix}", f"{labels.KIND}=server", *extra],
-            "status": "running"}))
-
-    def servers(self) -> list[Upstream]:
-        out = []
-        containers = self._containers()
-        for c in containers:
-            try:
-                out.append(self._upstream(c))
-            except Exception as e:  # noqa: BLE001 - one odd container must not stop routing
-                log.warning("ignoring %s: %s", getattr(c, "name", c), e)
-        seen = {str(c.id) for c in containers}
-        self._pins = {k: v for k, v in self._pins.items() if k in seen}
-        return out
-
-    def _upstream(self, c: Any) -> Upstream:
-        cfg = config_from_json(c.labels[labels.CONFIG])
-        port = int(c.labels.get(labels.PORT, "0") or 0)
-        releases = tuple(c.labels.get(labels.RELEASES, "").split()) or cfg.releases
-        image = str(c.attrs.get("Image", ""))
-        options = {"arch": cfg.arch, "build": list(cfg.build), "define": list(cfg.define),
-                   "include": list(cfg.include), "runtime": cfg.runtime, "user": cfg.user,
-                   "strategy": c.labels.get(labels.STRATEGY, ""), "image": image,
-                   "image_arch": c.labels.get(labels.IMAGE_ARCH, "")}
-        identity = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
-        trees = {r: self._tree(c, r) for r in releases}
-        return Upstream(name=str(c.name), host=self.host, port=port, arch=cfg.arch,
-                        releases=releases, identity=identity, tree_ids=trees,
-                        slots=cfg.max_threads or 2, pin=self._pin(c, cfg.ssl),
-                        handle=f"{c.id} {image}", provisioned=PROVISIONED in c.labels)
-
-    def _pin(self, c: Any, ssl_dir: str) -> bytes:
-        """The certificate C presents: its database's stap.cert, read from the container."""
-        now = time.monotonic()
-        cached = self._pins.get(str(c.id))
-        if cached and now - cached[0] < PIN_TTL:
-            return cached[1]
-        path = f"{SSL}/stap.cert" if ssl_dir else f"{HOME}/.systemtap/ssl/server/stap.cert"
-        der = _read_file(c, path)
-        if not der:
-            raise ServerError(f"{c.name} has no certificate at {path} yet")
-        self._pins[str(c.id)] = (now, der)
-        return der
-
-    def still_current(self, handle: str) -> bool:
-        container_id, _, image = handle.partition(" ")
-        try:
-            c = self.client.containers.get(container_id)
-        except Exception:  # noqa: BLE001 - NotFound: it is gone
-            return False
-        return bool(c.status == "running" and str(c.attrs.get("Image", "")) == image)
-
-    def _tree(self, c: Any, release: str) -> str:
-        """Digest of RELEASE's manifest in C's kernel volume ("" when the tree is gone)."""
-        key = (str(c.id), release)
-        now = time.monotonic()
-        cached = self._trees.get(key)
-        if cached and now - cached[0] < TREE_TTL:
-            return cached[1]
-        data = _read_file(c, f"{MOUNT}/{MANIFESTS}/{release}.json")
-        digest = hashlib.sha256(data).hexdigest() if data else ""
-        self._trees[key] = (now, digest)
-        return digest
-
-    def available(self, arch: Arch) -> list[str]:
-        mirror = Mirror.from_config(self.gcfg, kernels.cache_dir(self.gcfg.state_dir))
-        return kernels.available(mirror, self.gcfg.kernel_suites, arch)
-
-    def provisioned(self) -> list[tuple[str, float]]:
-        out = []
-        for c in self._containers(PROVISIONED):
-            started = _parse_started(str(c.attrs.get("State", {}).get("StartedAt", "")))
-            # The broker's clock is monotonic; convert the wall-clock start time.
-            out.append((str(c.name), time.monotonic() - max(0.0, time.time() - started)))
-        return out
-
-    def provision(self, target: Target, say: Callable[[str], None]) -> None:
-        arch = Arch.parse(target.arch)
-        host = Host(arch=Arch.host().stap, release=os.uname().release, euid=0, user="root",
-                    cwd="/")
-        cfg = resolve_server(ServerDraft(arch=arch.stap, releases=[target.release],
-                                         nickname=f"auto-{arch.machine}-{target.release}",
-                                         source="endpoint"), self.gcfg, host)
-        backend = DockerBackend.from_env(self.gcfg, self.environ)
-        plan = backend.plan_for(cfg)
-        store = TreeStore(backend.client, backend.prefix, plan.image_arch,
-                          images.image_tag(self.gcfg, plan.image_arch),
-                          test_label=backend.test_label)
-        mirror = Mirror.from_config(self.gcfg, kernels.cache_dir(self.gcfg.state_dir))
-        say(f"adding the kernel tree {target.release} ({arch.machine})")
-        store.add(mirror, self.gcfg.kernel_suites, arch, target.release, say=say)
-        say(f"starting a {plan.strategy.value} server for {target.release} ({arch.machine})")
-        backend.extra_labels = {PROVISIONED: "1"}
-        server = backend.start(cfg)
-        say(f"server {server.nickname} answers on port {server.port}")
-
-    def retire(self, name: str) -> None:
-        try:
-            c = self.client.containers.get(name)
-            c.stop(timeout=10)
-            c.remove(force=True)
-        except Exception as e:  # Docker's errors, translated here
-            raise ServerError(f"cannot remove {name}: {e}") from e
-
-    def version(self) -> str:
-        """The systemtap version of the host-arch server image (what the front door
-        reports in the answers it writes itself)."""
-        if self._version:
-            return self._version
-        try:
-            out = self.client.containers.run(images.image_tag(self.gcfg, Arch.host()),
-                                             ["stap", "-V"], entrypoint=[], remove=True,
-                                             network_mode="none", stderr=True)
-            self._version = mdns.parse_stap_version(out.decode("utf-8", "replace"))
-        except Exception as e:  # noqa: BLE001 - only the error answers' version field
-            log.warning("cannot read the servers' systemtap version (%s); reporting 5.0", e)
-            return "5.0"
-        return self._version
-
-
-def _read_file(c: Any, path: str) -> bytes:
-    """The content of the regular file PATH in container C (b"" when it is not there)."""
-    try:
-        stream, _ = c.get_archive(path)
-        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-            for m in tar.getmembers():
-                f = tar.extractfile(m)
-                if f is not None:
-                    return f.read(MAX_MESSAGE)
-    except Exception as e:  # noqa: BLE001 - NotFound and friends: nothing there
-        log.debug("no %s in %s: %s", path, getattr(c, "name", c), e)
-    return b""
-
-
-def _parse_started(text: str) -> float:
-    """Docker's StartedAt (RFC 3339 with nanoseconds) as a Unix time (now when unreadable)."""
-    try:
-        head = text.split(".")[0].rstrip("Z")
-        return datetime.datetime.fromisoformat(head).replace(
-            tzinfo=datetime.UTC).timestamp()
-    except ValueError:
-        return time.time()

@@ -5,23 +5,25 @@ from __future__ import annotations
 import os
 import pwd
 import socket
-import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
+
 from farm.core import labels
 from farm.core.arch import Arch
-from farm.core.errors import FarmError, KernelTreeError, ServerError
+from farm.core.backend import RunningServer
+from farm.core.errors import KernelTreeError, ServerError
 from farm.core.spec import GlobalConfig, ServerConfig, Strategy
 from farm.core.strategy import BuildPlan, resolve
 from farm.engine import images
-from farm.engine.docker import still_running
-from farm.engine.specs import DAEMON, HOME, Placement, config_from_json, container_spec
-from farm.kernels.trees import MANIFESTS, TreeStore, volume_name
+from farm.engine.docker import Engine, still_running
+from farm.engine.specs import DAEMON, HOME, Placement, config_from_json, server_spec
+from farm.engine.trees import TreeStore
+from farm.kernels.trees import MANIFESTS, volume_name
 from farm.kernels.trees import MOUNT as KERNELS_MOUNT
-from farm.manual.backend import RunningServer
 from farm.trust import tls as tlsprobe
 
 RENEW_DAYS = 7  # renew a certificate this close to expiry; status warns 30 days ahead
@@ -34,10 +36,8 @@ CERT_DIR = ".systemtap/ssl/server"
 class DockerBackend:
     """Runs each ServerConfig as one container of the farm's server image."""
 
-    client: Any
+    engine: Engine
     gcfg: GlobalConfig
-    prefix: str = "stapfarm"
-    test_label: str = ""
     hostname: str = ""
     extra_labels: dict[str, str] = field(default_factory=dict)  # e.g. the endpoint's mark
     # A compose farm's named volumes for HOME and the log (its init service made the
@@ -46,24 +46,36 @@ class DockerBackend:
     home_volume: str = ""
     log_volume: str = ""
     server_ids: tuple[int, int] = (155, 155)
+    # Lines `status` adds after the servers (the advertiser's and the endpoint's state):
+    # given by the command line, which composes the farm's parts.
+    extra_notices: Callable[[], list[str]] = list
+    # Called after each start (the advertiser follows every farm server): given by the
+    # command line too.
+    on_started: Callable[[], None] | None = None
+
+    @property
+    def prefix(self) -> str:
+        return self.engine.prefix
+
+    @classmethod
+    def of(cls, engine: Engine, gcfg: GlobalConfig) -> DockerBackend:
+        """The backend of GCFG's farm (its prefix, host name, volumes, ids) on ENGINE."""
+        return cls(engine=engine, gcfg=gcfg, hostname=gcfg.hostname or socket.gethostname(),
+                   home_volume=gcfg.home_volume, log_volume=gcfg.log_volume,
+                   server_ids=gcfg.server_ids)
 
     @classmethod
     def from_env(cls, gcfg: GlobalConfig, environ: Mapping[str, str]) -> DockerBackend:
-        from farm.engine.docker import connect
+        """The backend of GCFG's farm on the engine ENVIRON names (DOCKER_HOST).
 
-        return cls(client=connect(environ), gcfg=gcfg,
-                   prefix=environ.get("STAPFARM_PREFIX", "stapfarm"),
-                   test_label=environ.get("STAPFARM_TEST_LABEL", ""),
-                   hostname=environ.get("STAPFARM_HOSTNAME", "") or socket.gethostname(),
-                   home_volume=environ.get("STAPFARM_HOME_VOLUME", ""),
-                   log_volume=environ.get("STAPFARM_LOG_VOLUME", ""),
-                   server_ids=(int(environ.get("STAPFARM_SERVER_UID", "155")),
-                               int(environ.get("STAPFARM_SERVER_GID", "155"))))
+        Raises:
+            DockerUnavailable: no engine.
+        """
+        return cls.of(Engine.connect(environ, gcfg.prefix, gcfg.test_label), gcfg)
 
     # ------------------------------------------------------------------ observe
     def _containers(self) -> list[Any]:
-        return list(self.client.containers.list(all=True, filters={"label": [
-            f"{labels.OWNER}={self.prefix}", f"{labels.KIND}=server"]}))
+        return self.engine.containers("server")
 
     def list_servers(self) -> list[RunningServer]:
         return [self._observe(c) for c in self._containers()]
@@ -86,39 +98,25 @@ class DockerBackend:
         wanted = [r for r in cfg.releases if not r.startswith("/")]
         if not wanted:
             return ()
+        plan = self.plan_for(cfg)
         try:
-            plan = self.plan_for(cfg)
-            code, out = c.exec_run(["sh", "-c", TREE_CHECK, "tree-check", *wanted])
-        except Exception:  # noqa: BLE001 - a container that just went away: nothing to say
+            code, out = self.engine.exec(c, ["sh", "-c", TREE_CHECK, "tree-check", *wanted])
+        except ServerError:  # a container that just went away: nothing to say
             return ()
         if code != 0:
             return ()
-        gone = out.decode("utf-8", "replace").split()
+        gone = out.split()
         return tuple(tree_problem(r, plan) for r in wanted if r in gone)
 
-    @staticmethod
-    def _daemon_pid(c: Any) -> int:
+    def _daemon_pid(self, c: Any) -> int:
         """The daemon's PID on the host (docker top reports host PIDs)."""
-        try:
-            top = c.top(ps_args="-eo pid,args")
-        except Exception:  # noqa: BLE001 - a container that just exited has no processes
-            return 0
-        titles = [t.upper() for t in top.get("Titles", [])]
-        pid_col = titles.index("PID") if "PID" in titles else 0
-        for proc in top.get("Processes") or []:
-            if any(DAEMON in part for part in proc[pid_col + 1:]):
-                return int(proc[pid_col])
-        return 0
+        pids = self.engine.top_pids(c, DAEMON)
+        return pids[0] if pids else 0
 
     def notices(self) -> list[str]:
-        """The mDNS advertiser's state and certificates close to expiry (30 days ahead)."""
-        from farm.endpoint.service import endpoint_state
-        from farm.engine.advertiser import advertiser_state
-
-        lines = [advertiser_state(self.client, self.prefix)]
-        endpoint = endpoint_state(self.client, self.prefix)
-        if endpoint:
-            lines.append(endpoint)
+        """EXTRA_NOTICES (the advertiser, the endpoint), then certificates close to expiry
+        (30 days ahead)."""
+        lines = self.extra_notices()
         dbs = set()
         for c in self._containers():  # the configurations are enough: no PID or tree checks
             cfg = config_from_json(c.labels[labels.CONFIG])
@@ -142,7 +140,7 @@ class DockerBackend:
 
     def start(self, config: ServerConfig) -> RunningServer:
         plan = self.plan_for(config)
-        image = images.require(self.client, self.gcfg, plan.image_arch)
+        image = images.require(self.engine, self.gcfg, plan.image_arch)
         self._check_trees(config, plan, image)
         if self.home_volume:  # a compose farm: its volumes, its init service's certificate
             uid, gid = self.server_ids
@@ -156,28 +154,20 @@ class DockerBackend:
         where = Placement(image=image, kernels_volume=volume_name(self.prefix, plan.image_arch),
                           uid=uid, gid=gid, home_dir=home, log_file=log_file, port=port,
                           hostname=self.hostname, prefix=self.prefix,
-                          test_label=self.test_label)
-        spec = container_spec(config, plan, where, self.gcfg)
+                          test_label=self.engine.test_label)
+        spec = server_spec(config, plan, where, self.gcfg)
         spec["labels"].update(self.extra_labels)
-        container = self._run(spec, port)
+        self.engine.remove_named(spec["name"])  # a stale twin of the same spec (a crash)
+        container = self.engine.run(spec, f"the server on port {port}")
         try:
             self._wait_ready(container, port, READY_TIMEOUT[plan.strategy], log_file)
         except ServerError:
-            container.remove(force=True)
+            self.engine.remove_named(spec["name"])
             raise
         container.reload()
-        self._advertise()
+        if self.on_started is not None:
+            self.on_started()
         return self._observe(container)
-
-    def _advertise(self) -> None:
-        """Make sure the host's mDNS advertiser runs (it follows every farm server)."""
-        from farm.engine.advertiser import ensure_advertiser
-
-        try:
-            ensure_advertiser(self.client, self.gcfg, self.prefix, self.test_label)
-        except FarmError as e:  # the server is up; it is only not advertised
-            print(f"stap-server: warning: the server is not advertised over mDNS: {e}",
-                  file=sys.stderr)
 
     def _check_trees(self, cfg: ServerConfig, plan: BuildPlan, image: str) -> None:
         wanted = [r for r in cfg.releases if not r.startswith("/")]
@@ -187,7 +177,7 @@ class DockerBackend:
                                       "include/config/kernel.release)")
         if not wanted:
             return
-        store = TreeStore(self.client, self.prefix, plan.image_arch, image)
+        store = TreeStore(self.engine, plan.image_arch, image)
         have = {t.release: t for t in store.list()}
         for rel in wanted:
             tree = have.get(rel)
@@ -250,7 +240,7 @@ class DockerBackend:
             # stap-serverd would regenerate an expired certificate itself, with the
             # container's names; renew it here first, keeping the old one beside it.
             os.replace(db, f"{db}.expired-{int(time.time())}")
-        host_image = images.require(self.client, self.gcfg, Arch.host())
+        host_image = images.require(self.engine, self.gcfg, Arch.host())
         names = [self.hostname, f"{self.hostname}.local", *self.gcfg.cert_names]
         script = ('set -e; umask 077; mkdir -p "$DB"; '
                   'exec /usr/lib/systemtap/stap-gen-cert "$DB" "$@"')
@@ -265,65 +255,25 @@ class DockerBackend:
                               f"directory is not owned by the server user (uid {uid})",
                               hint=f"create {db} with `stap-gen-cert` as that user, or "
                                    f"chown {uid} {parent}")
-        try:
-            self.client.containers.run(
-                host_image, entrypoint=["/bin/sh", "-c", script, "gen-cert"], command=names,
-                user=f"{uid}:{gid}", hostname=self.hostname,
-                environment={"HOME": HOME, "DB": f"/parent/{os.path.basename(db)}"},
-                volumes={parent: {"bind": "/parent", "mode": "rw"}},
-                working_dir="/parent", network_mode="none", remove=True,
-                labels=self._job_labels())
-        except Exception as e:
-            raise ServerError(f"creating the certificate database {db} failed: {e}") from e
+        self.engine.job(host_image, names, what=f"creating the certificate database {db}",
+                        entrypoint=["/bin/sh", "-c", script, "gen-cert"],
+                        user=f"{uid}:{gid}", hostname=self.hostname,
+                        environment={"HOME": HOME, "DB": f"/parent/{os.path.basename(db)}"},
+                        volumes={parent: {"bind": "/parent", "mode": "rw"}},
+                        working_dir="/parent", network_mode="none")
         # stap-gen-cert (>= 5.1, PR30321) creates the directory 0777 and the certificate 0666
         # whatever the umask: the database must be private, the certificate readable.
         os.chmod(db, 0o700)
         for name in os.listdir(db):
             os.chmod(os.path.join(db, name), 0o644 if name == "stap.cert" else 0o600)
 
-    def _job_labels(self) -> dict[str, str]:
-        lab = {labels.OWNER: self.prefix, labels.KIND: "job"}
-        if self.test_label:
-            lab[labels.TEST] = self.test_label
-        return lab
-
-    def _run(self, spec: dict[str, Any], port: int) -> Any:
-        import docker.errors
-
-        try:
-            old = self.client.containers.get(spec["name"])
-            old.remove(force=True)  # a stale twin of the same spec (e.g. after a crash)
-        except docker.errors.NotFound:
-            pass
-        try:
-            return self.client.containers.run(detach=True, **spec)
-        except docker.errors.APIError as e:
-            text = str(e)
-            if "port is already allocated" in text or "address already in use" in text:
-                self._remove_named(spec["name"])
-                raise ServerError(f"port {port} is already in use",
-                                  hint="choose another --port / PORT") from e
-            self._remove_named(spec["name"])
-            raise ServerError(f"docker refused to start the server: {e.explanation or e}") from e
-
-    def _remove_named(self, name: str) -> None:
-        import docker.errors
-
-        try:
-            self.client.containers.get(name).remove(force=True)
-        except docker.errors.NotFound:
-            pass
-
     def _wait_ready(self, container: Any, port: int, timeout: float, log_file: str) -> None:
         """Return once the server completes a TLS handshake on its published port."""
-        address = self.gcfg.listen_address
-        if address in ("0.0.0.0", "::", ""):
-            address = "127.0.0.1"
-        last = tlsprobe.wait_answering(address, port, timeout,
+        last = tlsprobe.wait_answering(self.gcfg.probe_address, port, timeout,
                                        lambda: still_running(container))
         if not last:
             return
-        logs = container.logs(tail=15).decode("utf-8", "replace").strip()
+        logs = self.engine.logs(container)
         tail = _tail(log_file, 15)
         raise ServerError(
             f"server did not answer TLS on port {port} ({container.status}; {last})"
@@ -332,20 +282,9 @@ class DockerBackend:
 
     # ------------------------------------------------------------------ stop
     def stop(self, server: RunningServer) -> None:
-        import docker.errors
-
-        try:
-            c = self.client.containers.get(server.container)
-        except docker.errors.NotFound:
-            return
-        try:
-            if c.status == "running":
-                c.stop(timeout=10)
-            c.remove(force=True)
-        except docker.errors.NotFound:
-            return
-        except docker.errors.APIError as e:
-            raise ServerError(f"docker could not stop {c.name}: {e.explanation or e}") from e
+        c = self.engine.container(server.container)
+        if c is not None:
+            self.engine.remove(c)
 
 
 # Prints each release ("$@") whose tree is not complete in the kernel volume: its manifest
@@ -367,8 +306,6 @@ def tree_problem(release: str, plan: BuildPlan) -> str:
 
 def cert_days_left(cert_path: str) -> float:
     """Days until the certificate at CERT_PATH (DER, stap.cert) expires."""
-    from cryptography import x509
-
     with open(cert_path, "rb") as f:
         cert = x509.load_der_x509_certificate(f.read())
     left = cert.not_valid_after_utc.timestamp() - time.time()

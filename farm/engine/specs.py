@@ -1,17 +1,21 @@
-"""ServerConfig → Docker container arguments: one pure function, tested by equality."""
+"""Container specs, pure: a server's (`server_spec`) here, the farm's services' in
+farm/engine/service_specs.py; each is the keyword arguments of `containers.run`, tested by
+equality, labelled with the farm's labels and a hash of everything that defines it (what a
+restart compares). compose.yaml is generated from the same functions (farm/engine/compose.py).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from docker.types import Healthcheck, Mount
 
 from farm.core import labels
-from farm.core.spec import GlobalConfig, ServerConfig, Strategy
+from farm.core.spec import GlobalConfig, ServerConfig
 from farm.core.strategy import BuildPlan
 from farm.kernels.trees import MOUNT as KERNELS_MOUNT
 
@@ -39,17 +43,20 @@ class Placement:
 
 
 def config_to_json(cfg: ServerConfig) -> str:
-    d = asdict(cfg)
-    d["strategy"] = cfg.strategy.value
-    return json.dumps(d, sort_keys=True)
+    """CFG as its `org.stapfarm.config` label (ServerConfig.to_dict, sorted keys)."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
 
 
 def config_from_json(text: str) -> ServerConfig:
+    """The configuration of an `org.stapfarm.config` label.
+
+    Raises:
+        ValueError, TypeError, KeyError: not one.
+    """
     d = json.loads(text)
-    for key in ("releases", "build", "include", "define"):
-        d[key] = tuple(d.get(key) or ())
-    d["strategy"] = Strategy(d.get("strategy", "auto"))
-    return ServerConfig(**d)
+    if not isinstance(d, dict):
+        raise TypeError("not a configuration object")
+    return ServerConfig.from_dict(d)
 
 
 def daemon_args(cfg: ServerConfig, plan: BuildPlan, port: int) -> list[str]:
@@ -80,9 +87,9 @@ def daemon_args(cfg: ServerConfig, plan: BuildPlan, port: int) -> list[str]:
     return args
 
 
-def container_spec(cfg: ServerConfig, plan: BuildPlan, where: Placement,
-                   gcfg: GlobalConfig) -> dict[str, Any]:
-    """Keyword arguments for `client.containers.run(detach=True, **spec)`."""
+def server_spec(cfg: ServerConfig, plan: BuildPlan, where: Placement,
+                gcfg: GlobalConfig) -> dict[str, Any]:
+    """Keyword arguments for `containers.run(detach=True, **spec)`: the server CFG."""
     mounts = [
         Mount(KERNELS_MOUNT, where.kernels_volume, type="volume", read_only=True),
         # Host paths are bound; names are volumes (a compose farm's home and log volumes).
@@ -124,22 +131,31 @@ def container_spec(cfg: ServerConfig, plan: BuildPlan, where: Placement,
     }
     if gcfg.cpus:
         spec["nano_cpus"] = int(gcfg.cpus * 1e9)
-    digest = spec_hash(spec)
-    spec["name"] = f"{where.prefix}-{plan.target.machine}-{digest[:10]}"
-    spec["labels"] = {
-        labels.OWNER: where.prefix,
-        labels.KIND: "server",
+    spec = labelled(spec, "server", where.prefix, where.test_label, {
         labels.CONFIG: config_to_json(cfg),
-        labels.SPEC_HASH: digest,
         labels.NICKNAME: cfg.nickname,
         labels.PORT: str(where.port),
         labels.RELEASES: " ".join(cfg.releases),
         labels.STRATEGY: plan.strategy.value,
         labels.IMAGE_ARCH: plan.image_arch.debian,
-    }
-    if where.test_label:
-        spec["labels"][labels.TEST] = where.test_label
+    })
+    spec["name"] = f"{where.prefix}-{plan.target.machine}-{spec['labels'][labels.SPEC_HASH][:10]}"
     return spec
+
+
+def labelled(spec: dict[str, Any], kind: str, prefix: str, test_label: str,
+             extra: dict[str, str], image_id: str = "") -> dict[str, Any]:
+    """SPEC with the farm's labels: owner, kind, the test's label, EXTRA, and the hash of
+    SPEC (and IMAGE_ID: a rebuilt image under the same tag is another container)."""
+    body = dict(spec)
+    if image_id:
+        body["image_id"] = image_id
+    out = dict(spec)
+    out["labels"] = {labels.OWNER: prefix, labels.KIND: kind,
+                     labels.SPEC_HASH: spec_hash(body), **extra}
+    if test_label:
+        out["labels"][labels.TEST] = test_label
+    return out
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

@@ -5,19 +5,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from farm.core import labels
 from farm.core.arch import ALL, Arch
-from farm.core.errors import EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, FarmError, UsageError
-from farm.core.spec import GlobalConfig, Strategy
+from farm.core.errors import EXIT_NOT_RUNNING, EXIT_OK, FarmError, UsageError
+from farm.core.spec import GlobalConfig, ServerConfig, Strategy
 from farm.core.strategy import resolve
+from farm.discovery import advertiser
+from farm.discovery.service import advertiser_state, ensure_advertiser
+from farm.endpoint import containers as endpoint_containers
+from farm.endpoint import service as endpoint_service
+from farm.endpoint.routing import Target
 from farm.engine import images
+from farm.engine.docker import Engine
+from farm.engine.servers import DockerBackend
+from farm.engine.trees import TreeStore
 from farm.kernels import trees as kernels
 from farm.kernels.debian import Mirror
+from farm.manual.config import global_file, load_global
+from farm.manual.host import Host
+from farm.manual.server_config import ServerDraft, resolve_server
 from farm.trust import store as trust
 
 Action = Callable[[list[str], Mapping[str, str], TextIO, TextIO], int]
@@ -29,15 +43,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _global(paths: list[str], environ: Mapping[str, str]) -> GlobalConfig:
-    from farm.manual.config import load_global
-
     return load_global(paths, environ)
 
 
-def _client(environ: Mapping[str, str]) -> Any:
-    from farm.engine.docker import connect
+def _engine(gcfg: GlobalConfig, environ: Mapping[str, str]) -> Engine:
+    """The engine, for the farm ENVIRON names (its prefix and test label).
 
-    return connect(environ)
+    Raises:
+        DockerUnavailable: no engine.
+    """
+    return Engine.connect(environ, gcfg.prefix, gcfg.test_label)
 
 
 def _arches(values: list[str] | None) -> list[Arch]:
@@ -74,31 +89,26 @@ def images_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err:
 
     def run(ns: argparse.Namespace, gcfg: GlobalConfig, env: Mapping[str, str], o: TextIO,
             e: TextIO) -> int:
-        client = _client(env)
+        engine = _engine(gcfg, env)
         if ns.allow_expired_release:
-            from dataclasses import replace
             gcfg = replace(gcfg, apt_allow_expired=True)
-        for arch in _arches(ns.arch):
+        specs = [images.server_image(gcfg, arch) for arch in _arches(ns.arch)]
+        if not ns.arch:  # everything: the service image too (advertiser, endpoint)
+            specs.append(images.service_image(gcfg, allow_expired=gcfg.apt_allow_expired))
+        for spec in specs:
             if ns.command == "build":
-                images.build(client, gcfg, arch, _say(o), force=ns.force)
+                images.build(engine, gcfg, spec, _say(o), force=ns.force)
             else:
-                tag, state = images.status(client, gcfg, arch)
-                print(f"{tag}\t{state}", file=o)
+                print(f"{spec.tag}\t{images.status(engine, spec)}", file=o)
         return EXIT_OK
 
     return _run(run, p, argv, environ, out, err)
 
 
-def _store(client: Any, gcfg: GlobalConfig, target: Arch, strategy: Strategy,
-           environ: Mapping[str, str]) -> kernels.TreeStore:
+def _store(engine: Engine, gcfg: GlobalConfig, target: Arch, strategy: Strategy
+           ) -> TreeStore:
     plan = resolve(strategy, target, Arch.host())
-    return kernels.TreeStore(client, _prefix(environ), plan.image_arch,
-                             images.image_tag(gcfg, plan.image_arch),
-                             test_label=environ.get("STAPFARM_TEST_LABEL", ""))
-
-
-def _prefix(environ: Mapping[str, str]) -> str:
-    return environ.get("STAPFARM_PREFIX", "stapfarm")
+    return TreeStore(engine, plan.image_arch, images.image_tag(gcfg, plan.image_arch))
 
 
 def _mirror(gcfg: GlobalConfig) -> Mirror:
@@ -132,14 +142,12 @@ def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err
                     for rel in rels:
                         print(f"{arch}\t{rel}", file=o)
             return EXIT_OK
-        client = _client(env)
+        engine = _engine(gcfg, env)
         if ns.command == "list":
             trees = []
             for image_arch in ALL:
-                store = kernels.TreeStore(client, _prefix(env), image_arch,
-                                          images.image_tag(gcfg, image_arch),
-                                          test_label=env.get("STAPFARM_TEST_LABEL", ""))
-                if images.status(client, gcfg, image_arch)[1] != "missing":
+                if engine.image(images.image_tag(gcfg, image_arch)) is not None:
+                    store = TreeStore(engine, image_arch, images.image_tag(gcfg, image_arch))
                     trees += store.list()
             if ns.json:
                 print(json.dumps([t.__dict__ for t in trees], indent=1), file=o)
@@ -152,7 +160,7 @@ def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err
             raise UsageError(f"kernels {ns.command} needs -a ARCH and -r RELEASE")
         for a in ns.arch:
             target = Arch.parse(a)
-            store = _store(client, gcfg, target, strategy, env)
+            store = _store(engine, gcfg, target, strategy)
             for rel in ns.release:
                 if ns.command == "add":
                     store.add(_mirror(gcfg), gcfg.kernel_suites, target, rel,
@@ -162,8 +170,7 @@ def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err
                 else:
                     print(f"removed kernel tree {rel} ({store.image_arch} image)", file=o)
                     users = [c.labels.get(labels.NICKNAME) or c.name
-                             for c in client.containers.list(filters={"label": [
-                                 f"{labels.OWNER}={_prefix(env)}", f"{labels.KIND}=server"]})
+                             for c in engine.containers("server", running=True)
                              if rel in c.labels.get(labels.RELEASES, "").split()
                              and c.labels.get(labels.IMAGE_ARCH, "") in (
                                  store.image_arch.debian, store.image_arch.stap)]
@@ -196,11 +203,6 @@ def trust_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: 
 
     def run(ns: argparse.Namespace, gcfg: GlobalConfig, env: Mapping[str, str], o: TextIO,
             e: TextIO) -> int:
-        import os
-        import socket
-
-        from farm.engine.servers import DockerBackend
-
         backend = DockerBackend.from_env(gcfg, env)
         servers = [s for s in backend.list_servers() if s.running]
         if ns.nickname or ns.pid:
@@ -216,19 +218,18 @@ def trust_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: 
                     raise FarmError(f"No stap-server running as pid {pid}")
                 chosen += match
             servers = chosen
-        address = gcfg.listen_address if gcfg.listen_address not in ("0.0.0.0", "::", "") \
-            else "127.0.0.1"
+        address = gcfg.probe_address
         # With the farm endpoint running, the farm's identity is what clients trust: the
         # servers behind it have keys any compile on them can read (README, Security), so
         # they are trusted only when named (-n/-p).
-        endpoint = None if ns.nickname or ns.pid else trust.endpoint_cert(
-            backend.client, _prefix(env), address)
+        endpoint = None if ns.nickname or ns.pid else trust.endpoint_cert(backend.engine,
+                                                                          address)
         certs = [endpoint] if endpoint is not None else trust.collect(servers, address)
         if not certs:
             raise FarmError("no running farm server or endpoint to trust",
                             hint="start one with `stap-server start` or `stap-server "
                                  "endpoint start`")
-        host = env.get("STAPFARM_HOSTNAME", "") or socket.gethostname()
+        host = gcfg.hostname or socket.gethostname()
         for c in certs:
             print(f"certinfo {c.certinfo}: {', '.join(c.servers)}", file=o)
         if ns.export:
@@ -242,8 +243,8 @@ def trust_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: 
             home = env.get("HOME") or os.path.expanduser("~")
             db = os.path.join(home, ".systemtap", "ssl", "client")
             uid, gid = os.getuid(), os.getgid()
-        image = images.require(backend.client, gcfg, Arch.host())
-        print(trust.apply(backend.client, image, certs, db, revoke=ns.revoke, uid=uid,
+        image = images.require(backend.engine, gcfg, Arch.host())
+        print(trust.apply(backend.engine, image, certs, db, revoke=ns.revoke, uid=uid,
                           gid=gid, host=host).rstrip(), file=o)
         return EXIT_OK
 
@@ -262,12 +263,9 @@ def mdns_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: T
 
     def run(ns: argparse.Namespace, gcfg: GlobalConfig, env: Mapping[str, str], o: TextIO,
             e: TextIO) -> int:
-        from farm.discovery import advertiser
-
         advertiser.configure_logging(e)
-        adv = advertiser.Advertiser(lambda: _client(env), _prefix(env),
-                                    ns.interface or gcfg.mdns_interfaces,
-                                    advertiser.probe_address(gcfg.listen_address))
+        adv = advertiser.Advertiser(lambda: _engine(gcfg, env), gcfg.prefix,
+                                    ns.interface or gcfg.mdns_interfaces, gcfg.probe_address)
         advertiser.run_foreground(adv)
         return EXIT_OK
 
@@ -291,8 +289,7 @@ def endpoint_action(argv: list[str], environ: Mapping[str, str], out: TextIO,
 
     def run(ns: argparse.Namespace, gcfg: GlobalConfig, env: Mapping[str, str], o: TextIO,
             e: TextIO) -> int:
-        from farm.endpoint import service as svc
-
+        svc = endpoint_service
         provision = gcfg.endpoint_provision if ns.provision is None else ns.provision
         if ns.command in ("run", "broker"):
             logging.basicConfig(stream=e, level=logging.INFO,
@@ -300,21 +297,24 @@ def endpoint_action(argv: list[str], environ: Mapping[str, str], out: TextIO,
             if ns.command == "run":
                 svc.run_frontdoor(gcfg, provision=provision)
             else:
-                ids = svc.parse_ids(ns.endpoint_ids) if ns.endpoint_ids else svc.Ids.of(gcfg)
-                svc.run_broker(gcfg, env, provision=provision, ids=ids)
+                ids = (svc.parse_ids(ns.endpoint_ids) if ns.endpoint_ids
+                       else endpoint_containers.endpoint_ids(gcfg))
+                svc.run_broker(gcfg, env, provision=provision, ids=ids,
+                               resolve=lambda t: provisioned_config(t, gcfg))
             return EXIT_OK
-        client = _client(env)
+        engine = _engine(gcfg, env)
         if ns.command == "start":
-            c = svc.ensure_endpoint(client, gcfg, env, provision=provision,
-                                    config_files=list(ns.config or []), say=_say(o))
+            c = endpoint_containers.ensure_endpoint(
+                engine, gcfg, provision=provision, config_files=list(ns.config or []),
+                default_file=global_file(env), say=_say(o))
             print(f"farm endpoint: running on port {gcfg.endpoint_port} ({c.name}; "
                   f"provisioning {'on' if provision else 'off'})", file=o)
             return EXIT_OK
         if ns.command == "stop":
-            print("farm endpoint: stopped" if svc.stop_endpoint(client, _prefix(env))
+            print("farm endpoint: stopped" if endpoint_containers.stop_endpoint(engine)
                   else "farm endpoint: not running", file=o)
             return EXIT_OK
-        line = svc.endpoint_state(client, _prefix(env))
+        line = endpoint_containers.endpoint_state(engine, gcfg)
         print(line or "farm endpoint: not running", file=o)
         return EXIT_OK if line.startswith("farm endpoint: running") else EXIT_NOT_RUNNING
 
@@ -330,15 +330,38 @@ ACTIONS: dict[str, Action] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - debugging aid
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in ACTIONS:
-        print(f"usage: python -m farm.manual.actions {{{','.join(ACTIONS)}}} ...", file=sys.stderr)
-        return EXIT_USAGE
-    return ACTIONS[args[0]](args[1:], dict(__import__("os").environ), sys.stdout, sys.stderr)
+def provisioned_config(target: Target, gcfg: GlobalConfig) -> ServerConfig:
+    """The configuration of a server the endpoint provisions for TARGET: the resolver's,
+    as for `stap-server start -a ARCH -r RELEASE -n auto-ARCH-RELEASE` run by root."""
+    arch = Arch.parse(target.arch)
+    host = Host(arch=Arch.host().stap, release=os.uname().release, euid=0, user="root",
+                cwd="/")
+    return resolve_server(ServerDraft(arch=arch.stap, releases=[target.release],
+                                      nickname=f"auto-{arch.machine}-{target.release}",
+                                      source="endpoint"), gcfg, host)
 
 
+def farm_backend(gcfg: GlobalConfig, environ: Mapping[str, str]) -> DockerBackend:
+    """The Backend the manual's actions drive, with the farm's parts composed in: after a
+    start the advertiser is made sure of, and `status` reports it and the endpoint.
 
+    Raises:
+        DockerUnavailable: no engine.
+    """
+    backend = DockerBackend.from_env(gcfg, environ)
+    engine = backend.engine
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    def lines() -> list[str]:
+        state = endpoint_containers.endpoint_state(engine, gcfg)
+        return [advertiser_state(engine)] + ([state] if state else [])
+
+    def advertise() -> None:
+        try:
+            ensure_advertiser(engine, gcfg)
+        except FarmError as e:  # the server is up; it is only not advertised
+            print(f"stap-server: warning: the server is not advertised over mDNS: {e}",
+                  file=sys.stderr)
+
+    backend.extra_notices = lines
+    backend.on_started = advertise
+    return backend

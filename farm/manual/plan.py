@@ -10,10 +10,10 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from farm.core.backend import RunningServer
 from farm.core.errors import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK
 from farm.core.spec import ServerConfig
-from farm.manual.backend import RunningServer
-from farm.manual.config import BadServerFile
+from farm.manual.server_config import BadServerFile
 
 # What `start` starts when no server is named: a configuration per good server file, a
 # BadServerFile per file that describes none (reported FAILED in its place).

@@ -6,15 +6,15 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from farm.core.backend import RunningServer
 from farm.core.spec import (
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
     ServerConfig,
     Strategy,
 )
-from farm.manual.backend import RunningServer
-from farm.manual.config import BadServerFile
 from farm.manual.plan import PlannedStep, Step
+from farm.manual.server_config import BadServerFile
 
 PROG = "stap-server"
 

@@ -12,10 +12,10 @@ import re
 import tempfile
 from collections.abc import Iterable
 
+from farm.core.backend import RunningServer
 from farm.core.errors import FarmError
 from farm.core.spec import ServerConfig
-from farm.manual.backend import RunningServer
-from farm.manual.config import ServerDraft, parse_server_text
+from farm.manual.server_config import ServerDraft, parse_server_text
 
 _STAT_NAME = re.compile(r"([0-9]+)\.stat")
 

@@ -6,17 +6,30 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from OpenSSL import crypto
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from farm.core import labels
-from farm.core.errors import FarmError, ServerError
-from farm.manual.backend import RunningServer
+from farm.core.backend import RunningServer
+from farm.core.errors import FarmError
 from farm.trust import tls as tlsprobe
+
+
+class Engine(Protocol):
+    """What trust needs of the farm's engine (farm/engine/docker.py's Engine has it)."""
+
+    def containers(self, kind: str, *, running: bool = False,
+                   having: Iterable[str] = ()) -> list[Any]: ...
+
+    def job(self, image: str, command: list[str] | None = None, *, what: str,
+            entrypoint: list[str] | None = None, **kw: Any) -> str: ...
+
 
 GLOBAL_CLIENT_DB = "/etc/systemtap/ssl/client"
 SIGNER_DB = "/etc/systemtap/staprun"
@@ -37,8 +50,7 @@ class ServerCert:
 
     @property
     def pem(self) -> bytes:
-        cert = crypto.load_certificate(crypto.FILETYPE_ASN1, self.der)
-        return crypto.dump_certificate(crypto.FILETYPE_PEM, cert)
+        return x509.load_der_x509_certificate(self.der).public_bytes(Encoding.PEM)
 
 
 def collect(servers: list[RunningServer], address: str = "127.0.0.1") -> list[ServerCert]:
@@ -52,28 +64,26 @@ def collect(servers: list[RunningServer], address: str = "127.0.0.1") -> list[Se
         if not s.running:
             continue
         cert = tlsprobe.probe(address, s.port, timeout=10)
-        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        der = cert.to_cryptography().public_bytes(Encoding.DER)
         entry = by_serial.setdefault(cert.get_serial_number(), (der, []))
         entry[1].append(s.nickname)
     return [ServerCert(der=d, serial=serial, servers=tuple(n))
             for serial, (d, n) in sorted(by_serial.items())]
 
 
-def endpoint_cert(client: Any, prefix: str, address: str = "127.0.0.1") -> ServerCert | None:
-    """The certificate PREFIX's running farm endpoint presents (the farm's identity), read
+def endpoint_cert(engine: Engine, address: str = "127.0.0.1") -> ServerCert | None:
+    """The certificate the farm's running endpoint presents (the farm's identity), read
     over TLS; None when no endpoint runs.
 
     Raises:
         ServerError: it runs but does not answer.
     """
-    found = client.containers.list(filters={"label": [f"{labels.OWNER}={prefix}",
-                                                      f"{labels.KIND}=endpoint"],
-                                            "status": "running"})
+    found = engine.containers("endpoint", running=True)
     if not found:
         return None
     port = int(found[0].labels.get(labels.PORT, "0") or 0)
     cert = tlsprobe.probe(address, port, timeout=10)
-    return ServerCert(der=crypto.dump_certificate(crypto.FILETYPE_ASN1, cert),
+    return ServerCert(der=cert.to_cryptography().public_bytes(Encoding.DER),
                       serial=cert.get_serial_number(), servers=("endpoint",))
 
 
@@ -135,7 +145,7 @@ def export(certs: list[ServerCert], directory: Path, host: str) -> list[Path]:
     return written
 
 
-def apply(client: Any, image: str, certs: list[ServerCert], db: str, *, revoke: bool,
+def apply(engine: Engine, image: str, certs: list[ServerCert], db: str, *, revoke: bool,
           uid: int, gid: int, host: str) -> str:
     """Install (or revoke) CERTS in the NSS database DB on this host; return the script's
     output. Runs the exported script in the farm's image, as UID, with DB mounted.
@@ -143,8 +153,6 @@ def apply(client: Any, image: str, certs: list[ServerCert], db: str, *, revoke: 
     Raises:
         ServerError: certutil failed.
     """
-    import docker.errors
-
     os.makedirs(db, mode=0o700 if not db.startswith("/etc/") else 0o755, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stapfarm-trust-") as tmp:
         export(certs, Path(tmp), host)
@@ -152,13 +160,8 @@ def apply(client: Any, image: str, certs: list[ServerCert], db: str, *, revoke: 
         for f in Path(tmp).iterdir():
             f.chmod(0o644 if f.suffix != ".sh" else 0o755)
         args = ["--db", db] + (["--revoke"] if revoke else [])
-        try:
-            out = client.containers.run(
-                image, entrypoint=["/bin/sh", f"/in/{SCRIPT}"], command=args,
-                user=f"{uid}:{gid}", environment={"HOME": "/tmp"}, network_mode="none",
-                volumes={tmp: {"bind": "/in", "mode": "ro"}, db: {"bind": db, "mode": "rw"}},
-                remove=True, stderr=True)
-        except docker.errors.ContainerError as e:
-            raise ServerError(f"updating {db} failed: "
-                              f"{(e.stderr or b'').decode(errors='replace').strip()}") from e
-    return str(out.decode("utf-8", "replace"))
+        return engine.job(image, args, what=f"updating {db}",
+                          entrypoint=["/bin/sh", f"/in/{SCRIPT}"], user=f"{uid}:{gid}",
+                          environment={"HOME": "/tmp"}, network_mode="none",
+                          volumes={tmp: {"bind": "/in", "mode": "ro"},
+                                   db: {"bind": db, "mode": "rw"}})

@@ -27,17 +27,19 @@ import pytest
 from farm.core import labels
 from farm.core.arch import ARM64, X86_64, Arch
 from farm.trust import tls as tlsprobe
-from tests.conftest import REPO, KernelTrees, elf_machine, vermagic
 from tests.support.client import (
+    REPO,
     authorize_cert,
     client_stap,
     default_host_names,
     start_client,
 )
+from tests.support.elf import elf_machine, vermagic
 from tests.support.farm import Farm, make_farm
 from tests.support.mdns_browser import Browser
 from tests.support.poll import poll as wait_for
 from tests.support.poll import wait_until
+from tests.support.trees import KernelTrees
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -146,12 +148,14 @@ def client(docker_client: Any, test_network: Any, test_label: str) -> Any:
 
 @pytest.fixture(scope="module")
 def advertiser_image(docker_client: Any) -> str:
-    """The mDNS advertiser's image (farm/advertiser_image.py builds it when inputs change)."""
-    from farm.engine import advertiser as advertiser_image
+    """The service image (farm/engine/images.py builds it when its inputs change)."""
+    from farm.engine import images
+    from farm.engine.docker import Engine
     from farm.manual import config
 
-    advertiser_image.ensure_image(docker_client, config.load_global([], os.environ))
-    return advertiser_image.image_tag(config.load_global([], os.environ))
+    gcfg = config.load_global([], os.environ)
+    images.ensure_service_image(Engine(docker_client), gcfg)
+    return images.service_tag(gcfg)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,12 @@ import pytest
 
 from farm.core.arch import ARM64, X86_64
 from farm.discovery.mdns import parse_stap_version
-from farm.engine.advertiser import advertiser_state, container_name, ensure_advertiser
+from farm.discovery.service import advertiser_state, ensure_advertiser
+from farm.engine.docker import Engine
+from farm.engine.service_specs import advertiser_name as container_name
 from farm.manual.cli import main
 from farm.manual.config import load_global
 from farm.trust import tls as tlsprobe
-from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
     authorize_cert,
     client_stap,
@@ -33,9 +34,11 @@ from tests.support.client import (
     start_avahi,
     start_client,
 )
+from tests.support.elf import elf_machine
 from tests.support.farm import private_environ
 from tests.support.poll import wait_until
 from tests.support.resources import retire_advertiser
+from tests.support.trees import KernelTrees
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -73,7 +76,8 @@ def farm(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, 
         rc, out, err = f.run("start", "-a", "aarch64", "-r", f.release, "-n", "cross")
         assert rc == 0, out + err
         # `start` brings the advertiser up; calling it again must be harmless (idempotent)
-        adv = ensure_advertiser(docker_client, load_global([], env), test_prefix, test_label)
+        adv = ensure_advertiser(Engine(docker_client, test_prefix, test_label),
+                                load_global([], env))
         assert adv is not None
         rc, out, err = f.run("status", "--json")
         f.server = next(s for s in json.loads(out)["servers"] if s["nickname"] == "cross")
@@ -104,7 +108,7 @@ def _advertiser_log(docker_client: Any, prefix: str) -> str:
 
 def test_advertiser_container_runs_on_the_test_bridge_only(farm: Farm, docker_client: Any,
                                                            test_prefix: str) -> None:
-    state = advertiser_state(docker_client, test_prefix)
+    state = advertiser_state(Engine(docker_client, test_prefix))
     assert state == (f"mDNS advertiser: running ({container_name(test_prefix)}, "
                      f"on {farm.gateway})")
     c = docker_client.containers.get(container_name(test_prefix))

@@ -25,12 +25,16 @@ import pytest
 
 from farm.core import labels
 from farm.core.arch import ARM64, X86_64
-from farm.endpoint import service as endpoint_service
+from farm.endpoint import containers as endpoint_service
+from farm.engine import service_specs
+from farm.engine.docker import Engine
+from farm.engine.trees import TreeStore
 from farm.kernels import trees as kernels
-from tests.conftest import SUITES, KernelTrees, elf_machine
 from tests.support.client import authorize_cert, client_stap, default_host_names, start_client
+from tests.support.elf import elf_machine
 from tests.support.farm import Farm, make_farm
 from tests.support.poll import poll as _poll
+from tests.support.trees import SUITES, KernelTrees
 from tests.support.wire_client import exchange, tls
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -138,7 +142,7 @@ def ep(docker_client: Any, kernel_trees: KernelTrees, farm_environ: dict[str, st
 def endpoint_logs(docker_client: Any, prefix: str, tail: int = 60) -> str:
     """The last lines of the endpoint's two containers (for the test's report)."""
     out = []
-    for name in (endpoint_service.container_name(prefix), endpoint_service.broker_name(prefix)):
+    for name in (service_specs.frontdoor_name(prefix), service_specs.broker_name(prefix)):
         try:
             logs = docker_client.containers.get(name).logs(tail=tail).decode("utf-8", "replace")
         except Exception as e:  # noqa: BLE001 - only for the report
@@ -292,8 +296,8 @@ def test_a_release_nobody_serves_is_provisioned_on_demand(ep: Endpoint,
     assert m.get("stapfarm_endpoint_provisioning_total", 0) >= 2  # started + ready
 
     # The tree replaced under the running server: first a clear error, then a rebuild.
-    store = kernels.TreeStore(docker_client, prefix, X86_64, f"{IMAGE_PREFIX}:x86_64",
-                              test_label=ep.farm.env.get("STAPFARM_TEST_LABEL", ""))
+    store = TreeStore(Engine(docker_client, prefix, ep.farm.env.get("STAPFARM_TEST_LABEL", "")),
+                      X86_64, f"{IMAGE_PREFIX}:x86_64")
     tree = store.get(release)
     assert tree is not None
     assert store.remove(release)

@@ -36,12 +36,14 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from farm.core import labels
 from farm.core.arch import X86_64
-from farm.endpoint import service
-from tests.conftest import KernelTrees, elf_machine
+from farm.endpoint import containers as service
+from farm.engine import service_specs
 from tests.e2e.test_endpoint import endpoint_logs
 from tests.support.client import authorize_cert, client_stap, default_host_names, start_client
+from tests.support.elf import elf_machine
 from tests.support.farm import Farm, make_farm
 from tests.support.poll import poll
+from tests.support.trees import KernelTrees
 from tests.support.wire_client import client_context, exchange
 from tests.support.zip_attacks import longer_stream, unicode_rename, unzip_read
 
@@ -109,8 +111,8 @@ class Door:
         assert rc == 0, out + err
 
     def container(self, kind: str = "endpoint") -> Any:
-        name = (service.container_name if kind == "endpoint" else service.broker_name)(
-            self.prefix)
+        name = (service_specs.frontdoor_name if kind == "endpoint"
+                else service_specs.broker_name)(self.prefix)
         return self.docker.containers.get(name)
 
 
@@ -223,7 +225,7 @@ def test_the_farm_key_is_out_of_every_compiles_reach(door: Door) -> None:
     # An operator allows guru mode: a compile still reaches only the server's own key.
     door.restart("ENDPOINT_POLICY=allow-guru\n")
     try:
-        for path in (service.IDENTITY_MOUNT + "/key4.db", str(farm_key)):
+        for path in (service_specs.IDENTITY_MOUNT + "/key4.db", str(farm_key)):
             got = answer(exchange(door.port, framed(zipped(entries(
                 door.release, ["-p4", "-g", "-mleak", f"-e{_incbin(path)}"]))), timeout=600))
             assert got["rc"] != b"0", got
@@ -425,8 +427,8 @@ def test_the_front_door_is_unprivileged_and_has_no_docker_socket(door: Door) -> 
     assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
     assert not host.get("CapAdd") and "no-new-privileges" in host["SecurityOpt"]
     mounts = {m["Destination"]: m for m in front.attrs["Mounts"]}
-    assert service.DOCKER_SOCKET not in mounts
-    assert mounts[service.ENDPOINT_MOUNT]["RW"] is False
+    assert service_specs.DOCKER_SOCKET not in mounts
+    assert mounts[service_specs.ENDPOINT_MOUNT]["RW"] is False
     _, out = front.exec_run(["sh", "-c", ("grep -E '^(Uid|CapEff|NoNewPrivs)' /proc/1/status;"
                                           " ls -l /var/run/docker.sock")])
     text = out.decode()

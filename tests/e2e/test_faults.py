@@ -26,15 +26,16 @@ import pytest
 from farm.core.arch import X86_64
 from farm.kernels import trees as kernels
 from farm.trust import tls as tlsprobe
-from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
     default_host_names,
     start_client,
 )
+from tests.support.elf import elf_machine
 from tests.support.farm import Farm, make_farm
 from tests.support.mdns_browser import Browser
 from tests.support.poll import poll as _poll
 from tests.support.resources import retire_advertiser
+from tests.support.trees import KernelTrees
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

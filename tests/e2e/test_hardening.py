@@ -36,10 +36,11 @@ from OpenSSL import SSL
 from farm.core import labels
 from farm.core.arch import ARM64, X86_64
 from farm.trust import tls as tlsprobe
-from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import default_host_names, start_client
+from tests.support.elf import elf_machine
 from tests.support.farm import Farm, make_farm
 from tests.support.poll import poll as _poll
+from tests.support.trees import KernelTrees
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

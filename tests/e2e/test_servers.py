@@ -15,9 +15,10 @@ import pytest
 from farm.core import labels
 from farm.core.arch import ARM64, X86_64, Arch
 from farm.trust import tls as tlsprobe
-from tests.conftest import KernelTrees, elf_machine, vermagic
 from tests.support.client import authorize_cert, default_host_names, start_client
+from tests.support.elf import elf_machine, vermagic
 from tests.support.farm import Farm, make_farm
+from tests.support.trees import KernelTrees
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from farm.core import labels
 from farm.core.arch import ARM64, X86_64
 from farm.trust import tls as tlsprobe
-from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
     HOME,
     _exec,
@@ -29,7 +28,9 @@ from tests.support.client import (
     start_client,
     trusted_serials,
 )
+from tests.support.elf import elf_machine
 from tests.support.farm import Farm, make_farm
+from tests.support.trees import KernelTrees
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

@@ -22,14 +22,14 @@ from farm.core import labels
 from farm.core.arch import ARM64
 from farm.discovery.advertiser import Advertiser
 from farm.discovery.mdns import SERVICE_TYPE
-from farm.engine.docker import connect
+from farm.engine.docker import Engine
 from farm.manual.cli import main
 from farm.trust import tls as tlsprobe
-from tests.conftest import KernelTrees
 from tests.support.farm import private_environ
 from tests.support.mdns_browser import Browser
 from tests.support.poll import poll as wait_for
 from tests.support.resources import retire_advertiser
+from tests.support.trees import KernelTrees
 
 pytestmark = [pytest.mark.docker]
 
@@ -69,7 +69,7 @@ def browser(gateway: str) -> Iterator[Browser]:
 
 @pytest.fixture
 def advertiser(gateway: str, test_prefix: str) -> Iterator[Advertiser]:
-    adv = Advertiser(lambda: connect(), test_prefix, [gateway], "127.0.0.1",
+    adv = Advertiser(lambda: Engine.connect(prefix=test_prefix), test_prefix, [gateway], "127.0.0.1",
                      resync_interval=2.0)
     adv.start()
     yield adv
@@ -136,14 +136,14 @@ def test_advertiser_restart_withdraws_and_readvertises(
     live = [s for s in farm.servers() if s["state"] == "running"]
     if not live:
         _start(farm, kernel_trees)
-    first = Advertiser(lambda: connect(), test_prefix, [gateway], "127.0.0.1")
+    first = Advertiser(lambda: Engine.connect(prefix=test_prefix), test_prefix, [gateway], "127.0.0.1")
     first.start()
     try:
         wait_for("the service to appear", lambda: len(browser.current()) == 1, 60)
     finally:
         first.close()
     wait_for("goodbyes when the advertiser stops", lambda: browser.current() == set(), 60)
-    second = Advertiser(lambda: connect(), test_prefix, [gateway], "127.0.0.1")
+    second = Advertiser(lambda: Engine.connect(prefix=test_prefix), test_prefix, [gateway], "127.0.0.1")
     second.start()
     try:
         wait_for("the service to reappear", lambda: len(browser.current()) == 1, 60)

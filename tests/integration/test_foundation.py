@@ -23,9 +23,12 @@ from farm.core.errors import KernelTreeError
 from farm.core.spec import Strategy
 from farm.core.strategy import BuildPlan, resolve
 from farm.engine import images
+from farm.engine.docker import Engine
+from farm.engine.trees import TreeStore
 from farm.kernels import trees as kernels
 from farm.manual.actions import images_action, kernels_action
-from tests.conftest import SUITES, KernelTrees, elf_machine, run_stap, vermagic
+from tests.support.elf import elf_machine, vermagic
+from tests.support.trees import SUITES, KernelTrees, run_stap
 
 pytestmark = pytest.mark.docker
 
@@ -221,8 +224,8 @@ def test_tree_needing_a_missing_compiler_is_refused(docker_client: Any, mirror: 
                                                     image_without_compilers: str,
                                                     test_prefix: str,
                                                     test_label: str) -> None:
-    store = kernels.TreeStore(docker_client, f"{test_prefix}nocc", X86_64,
-                              image_without_compilers, test_label=test_label)
+    store = TreeStore(Engine(docker_client, f"{test_prefix}nocc", test_label), X86_64,
+                      image_without_compilers)
     with pytest.raises(KernelTreeError) as info:
         store.add(mirror, SUITES, X86_64, releases[X86_64.stap])
     message = str(info.value)
@@ -245,8 +248,10 @@ def test_images_are_labelled_and_build_is_a_noop_when_up_to_date(
     if "--allow-expired-release" in flags:
         gcfg = replace(gcfg, apt_allow_expired=True)
     before = {}
+    engine = Engine(docker_client)
     for arch in (X86_64, ARM64):
-        tag, state = images.status(docker_client, gcfg, arch)
+        spec = images.server_image(gcfg, arch)
+        tag, state = spec.tag, images.status(engine, spec)
         image = docker_client.images.get(tag)
         assert re.fullmatch(r"[0-9a-f]{16}", image.labels.get(labels.IMAGE_INPUTS, "")), tag
         if state != "up to date":

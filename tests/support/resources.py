@@ -47,7 +47,7 @@ def retire_advertiser(client: Any, prefix: str) -> None:
     """Stop (its mDNS goodbyes go out) and remove PREFIX's advertiser container, if any."""
     import docker.errors
 
-    from farm.engine.advertiser import container_name
+    from farm.engine.service_specs import advertiser_name as container_name
 
     try:
         c = client.containers.get(container_name(prefix))

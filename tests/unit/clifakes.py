@@ -8,15 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from farm.core.backend import RunningServer
 from farm.core.errors import ServerError
 from farm.core.spec import ServerConfig
-from farm.manual.backend import RunningServer
 from farm.manual.cli import main
-from farm.manual.config import Account, Group, Host
+from farm.manual.host import Account, Group, Host
 
 
 class FakeBackend:
-    """`farm.manual.backend.Backend` in memory: PIDs from 1000, random ports from 40000."""
+    """`farm.core.backend.Backend` in memory: PIDs from 1000, random ports from 40000."""
 
     def __init__(self) -> None:
         self.servers: dict[str, RunningServer] = {}
@@ -78,7 +78,7 @@ class FakeBackend:
 
 @dataclass
 class FakeAccounts:
-    """`farm.manual.config.Accounts` in memory: users by name (their primary gid), groups by name."""
+    """`farm.manual.host.Accounts` in memory: users by name (their primary gid), groups by name."""
 
     users: dict[str, int] = field(default_factory=dict)
     groups: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)

@@ -7,8 +7,9 @@ from typing import Any
 
 from farm.core import labels
 from farm.core.errors import ServerError
-from farm.discovery.advertiser import Advertiser
+from farm.discovery.advertiser import RECONNECT_DELAY, Advertiser
 from farm.discovery.mdns import Changes, ServiceKey
+from farm.engine.docker import Engine
 
 REL = "6.12.48+tst13-arm64"
 
@@ -45,6 +46,8 @@ class FakeContainer:
 
 
 class FakeEngine:
+    """A fake docker.DockerClient under the real Engine adapter."""
+
     def __init__(self) -> None:
         self.running: list[FakeContainer] = []
         self.up = True
@@ -54,7 +57,10 @@ class FakeEngine:
     def containers(self) -> FakeEngine:
         return self
 
-    def list(self, filters: Any) -> list[FakeContainer]:
+    def close(self) -> None:
+        pass
+
+    def list(self, filters: Any, all: bool = False) -> list[FakeContainer]:
         if not self.up:
             raise ConnectionError("engine down")
         self.filters.append(filters)
@@ -125,7 +131,7 @@ class World:
                 raise ServerError("connection refused")
             return FakeCert(self.answering[port])
 
-        self.adv = Advertiser(lambda: self.engine, "farm", ["br0"], "127.0.0.1",
+        self.adv = Advertiser(lambda: Engine(self.engine, "farm"), "farm", ["br0"], "127.0.0.1",
                               publisher=publisher, probe=probe, clock=lambda: self.now,
                               host_interfaces=lambda: {"br0": ["172.30.0.1"],
                                                        "lo": ["127.0.0.1"]})
@@ -239,22 +245,27 @@ def test_a_failing_publisher_never_crashes_the_advertiser() -> None:
     def boom(changes: Changes) -> None:
         raise OSError("network is down")
 
+    real = w.pub.apply
     w.pub.apply = boom  # type: ignore[method-assign]
     w.engine.running.append(cross())
     w.answering[40001] = 1
-    assert w.adv.resync() >= 0
+    assert w.adv.resync() == RECONNECT_DELAY  # the failure is retried soon, not raised
+    assert w.adv.published() == {} and w.names() == {}
+    w.pub.apply = real  # type: ignore[method-assign]
+    w.adv.resync()  # the network is back: the service goes out
+    assert list(w.names()) == ["Systemtap Compile Server on farmhost"]
 
 
 def test_advertiser_container_spec() -> None:
     from docker.types import Mount
 
-    from farm.engine.advertiser import container_spec
+    from farm.engine.service_specs import advertiser_spec as container_spec
 
-    spec = container_spec("stapfarm/advertiser:latest", "sha256:1", "farm", ["br0", "10.0.0.5"],
+    spec = container_spec("stapfarm/service:latest", "sha256:1", "farm", ["br0", "10.0.0.5"],
                           "127.0.0.1", test_label="t1")
     digest = spec["labels"].pop(labels.SPEC_HASH)
     assert spec == {
-        "image": "stapfarm/advertiser:latest",
+        "image": "stapfarm/service:latest",
         "name": "farm-advertiser",
         "command": ["--prefix", "farm", "--probe-address", "127.0.0.1",
                     "--interface", "br0", "--interface", "10.0.0.5"],
@@ -269,10 +280,10 @@ def test_advertiser_container_spec() -> None:
         "stop_signal": "SIGTERM",
         "labels": {labels.OWNER: "farm", labels.KIND: "advertiser", labels.TEST: "t1"},
     }
-    other_image = container_spec("stapfarm/advertiser:latest", "sha256:2", "farm",
+    other_image = container_spec("stapfarm/service:latest", "sha256:2", "farm",
                                  ["br0", "10.0.0.5"], "127.0.0.1", test_label="t1")
     assert other_image["labels"][labels.SPEC_HASH] != digest  # a rebuilt image: recreate
-    same = container_spec("stapfarm/advertiser:latest", "sha256:1", "farm",
+    same = container_spec("stapfarm/service:latest", "sha256:1", "farm",
                           ["br0", "10.0.0.5"], "127.0.0.1", test_label="t2")
     assert same["labels"][labels.SPEC_HASH] == digest  # labels are not the spec
 

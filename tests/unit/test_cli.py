@@ -19,12 +19,13 @@ from farm.core.spec import (
     DEFAULT_MAX_REQUEST_SIZE as MRS,
 )
 from farm.core.spec import (
+    GlobalConfig,
     ServerConfig,
     Strategy,
 )
 from farm.manual import actions as tools
 from farm.manual import cli
-from farm.manual.config import Host
+from farm.manual.host import Host
 
 SIZES = f'--max-request-size "{MRS}" --max-compressed-request "{MCR}"'
 
@@ -477,6 +478,36 @@ def test_global_config_error(farm: Farm) -> None:
                      "(did you mean LOG_FILE?)\n")
 
 
+def test_bad_environment_variable_is_one_line_exit_1_before_anything_runs(farm: Farm) -> None:
+    farm.environ.update(STAPFARM_PREFIX="my farm", STAPFARM_SERVER_UID="\u00e9t\u00e9")
+    r = farm.run("start")
+    assert (r.rc, r.out, farm.backend.calls) == (1, "", [])
+    assert r.err == (
+        "stap-server: environment: STAPFARM_PREFIX: 'my farm' is not a word Docker accepts in "
+        "names (letters, digits, '_', '.', '-', a letter or digit first, at most 64 "
+        "characters)\n"
+        "stap-server: environment: STAPFARM_SERVER_UID: '\u00e9t\u00e9' is not a user id "
+        "(1-4294967294; a compile server never runs as root)\n")
+
+
+def test_environment_reaches_the_backend_factory(farm: Farm,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[object] = []
+
+    def factory(g: object, environ: object) -> object:
+        seen.append(g)
+        return farm.backend
+
+    monkeypatch.setattr(tools, "farm_backend", factory)
+    farm.environ.update(STAPFARM_PREFIX="second", STAPFARM_HOSTNAME="farm2.example")
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["status"], environ=farm.environ, stdout=out, stderr=err,
+                    host=farm.host) == 3
+    (g,) = seen
+    assert isinstance(g, GlobalConfig)
+    assert (g.prefix, g.hostname, g.server_ids) == ("second", "farm2.example", (155, 155))
+
+
 def test_c_missing_file(farm: Farm) -> None:
     r = farm.run("start", "-c", "/nonexistent/stap.conf")
     assert (r.rc, r.err) == (1, ("stap-server: /nonexistent/stap.conf: no such configuration "
@@ -517,31 +548,17 @@ def test_backend_is_built_lazily_from_docker_backend(farm: Farm,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[object] = []
 
-    class Module:
-        class DockerBackend:
-            @staticmethod
-            def from_env(g: object, environ: object) -> object:
-                built.append((g, environ))
-                return farm.backend
+    def factory(g: object, environ: object) -> object:
+        built.append((g, environ))
+        return farm.backend
 
-    monkeypatch.setattr("farm.manual.cli.importlib.import_module",
-                        lambda name: Module if name == "farm.engine.servers" else None)
+    monkeypatch.setattr(tools, "farm_backend", factory)
     out, err = io.StringIO(), io.StringIO()
     assert cli.main(["status"], environ=farm.environ, stdout=out, stderr=err,
                     host=farm.host) == 3
     assert len(built) == 1
     assert cli.main(["--help"], environ=farm.environ, stdout=out, stderr=err) == 0
     assert len(built) == 1
-
-
-def test_missing_docker_backend_is_a_farm_error(farm: Farm,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    def missing(name: str) -> object:
-        raise ImportError(f"No module named '{name}'")
-    monkeypatch.setattr("farm.manual.cli.importlib.import_module", missing)
-    out, err = io.StringIO(), io.StringIO()
-    rc = cli.main(["status"], environ=farm.environ, stdout=out, stderr=err, host=farm.host)
-    assert rc == 1 and err.getvalue().startswith("stap-server: the Docker backend is not")
 
 
 # --------------------------------------------------------------------------- upstream bugs (§1.11)

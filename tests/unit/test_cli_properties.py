@@ -1,5 +1,5 @@
-"""Properties of `stap-server` over its whole grammar: options and values, server files and
-the global file. Whatever the input, `main()` returns 0-3, writes stderr only as
+"""Properties of `stap-server` over its whole grammar: options and values, server files, the
+global file and the farm's environment variables. Whatever the input, `main()` returns 0-3, writes stderr only as
 `stap-server: ...` lines (or the usage hint), and raises nothing; nothing it prints can fail
 to encode, even on a strict UTF-8 terminal.
 """
@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from farm.core.spec import ServerConfig
 from farm.manual import actions as tools
 from farm.manual import cli
-from farm.manual.config import GLOBAL_VARIABLES, SERVER_VARIABLES
+from farm.manual.config import ENVIRONMENT, GLOBAL_VARIABLES
 from farm.manual.plan import Action
+from farm.manual.server_config import SERVER_VARIABLES
 
 HINT = b"Try 'stap-server --help' for more information."
 EXTRA = "@extra-global-file"  # replaced by the path of a real extra global file
@@ -91,6 +92,11 @@ def _global_lines(root: Path) -> st.SearchStrategy[bytes]:
                                  st.text(max_size=10)))).map(lambda t: t[0] + b"\n" + t[1])
 
 
+ENVIRON = st.dictionaries(st.sampled_from(sorted(ENVIRONMENT)),
+                          st.one_of(VALUES, st.sampled_from(["stapfarm", "farm.example", "155"])),
+                          max_size=3)
+
+
 @pytest.fixture(scope="module")
 def farms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     """A fresh farm (paths, fake backend, fake host) for every example."""
@@ -143,7 +149,7 @@ def test_any_command_line_exits_0_to_3_with_prefixed_errors(
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(confs=SERVER_FILES, data=st.data(),
+@given(confs=SERVER_FILES, data=st.data(), environ=ENVIRON,
        argv=st.sampled_from([["start"], ["status"], ["stop"], ["restart"], ["force-reload"],
                              ["start", "-n", "good"], ["status", "-n", "twin"],
                              ["stop", "-n", "native"], ["start", "-n", "native", "-a", "arm64"],
@@ -151,8 +157,9 @@ def test_any_command_line_exits_0_to_3_with_prefixed_errors(
        running=st.booleans())
 def test_any_configuration_files_exit_0_to_3_with_prefixed_errors(
         farms: Iterator[Farm], confs: dict[bytes, bytes], data: st.DataObject,
-        argv: list[str], running: bool) -> None:
+        environ: dict[str, str], argv: list[str], running: bool) -> None:
     farm = next(farms)
+    farm.environ.update(environ)
     farm.global_file.write_bytes(farm.global_file.read_bytes()
                                  + data.draw(_global_lines(farm.root)))
     _write_confs(farm, confs)

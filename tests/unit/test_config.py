@@ -2,35 +2,36 @@
 
 from __future__ import annotations
 
+import os
 import pwd
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from farm.manual.backend import RunningServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from farm.core.backend import RunningServer
 from farm.core.errors import ConfigError, FarmError
 from farm.core.spec import DEFAULT_MAX_REQUEST_SIZE, GlobalConfig, ServerConfig, Strategy
 from farm.manual import statfile
 from farm.manual.config import (
-    Account,
-    Group,
-    Host,
-    ServerDraft,
-    SystemAccounts,
-    bounded_int,
-    decode_config_bytes,
+    CONFIG_FILE_ENV,
+    ENVIRONMENT,
+    apply_environment,
     default_global,
     load_global,
-    load_server_configs,
     parse_global_text,
+)
+from farm.manual.config_lines import bounded_int, decode_config_bytes, read_config_text, shown
+from farm.manual.host import Account, Group, Host, SystemAccounts, server_user_problem
+from farm.manual.server_config import (
+    ServerDraft,
+    load_server_configs,
     parse_server_text,
-    read_config_text,
     resolve_bad_file,
     resolve_server,
-    server_user_problem,
-    shown,
 )
 
 HOST = Host(arch="x86_64", release="6.1.0-test", euid=1000, user="alice", cwd="/work")
@@ -294,6 +295,149 @@ def test_load_global_missing_default_is_fine_missing_c_file_is_not(tmp_path: Pat
         load_global([str(tmp_path)], env, euid=1000)
 
 
+# --------------------------------------------------------------------------- environment
+
+
+def env_global(tmp_path: Path, environ: dict[str, str], files: list[str] | None = None
+               ) -> GlobalConfig:
+    """load_global with no default file, no host apt sources, and ENVIRON."""
+    env = {"STAPFARM_CONFIG_FILE": "", "HOME": str(tmp_path), **environ}
+    return load_global(files or [], env, euid=1000, apt_root=str(tmp_path))
+
+
+def env_problems(tmp_path: Path, environ: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        env_global(tmp_path, environ)
+    return e.value.problems
+
+
+def test_environment_defaults(tmp_path: Path) -> None:
+    g = env_global(tmp_path, {})
+    assert (g.prefix, g.test_label, g.hostname, g.home_volume, g.log_volume, g.server_ids,
+            g.images_dir) == ("stapfarm", "", "", "", "", (155, 155), "")
+
+
+@pytest.mark.parametrize(("variable", "value", "attr", "expected"), [
+    ("STAPFARM_PREFIX", "stapfarmtest1a2b", "prefix", "stapfarmtest1a2b"),
+    ("STAPFARM_PREFIX", "Farm_2.b-c", "prefix", "Farm_2.b-c"),
+    ("STAPFARM_TEST_LABEL", "0123abcd ef", "test_label", "0123abcd ef"),
+    ("STAPFARM_HOSTNAME", "build-1.lab.example", "hostname", "build-1.lab.example"),
+    ("STAPFARM_HOME_VOLUME", "farm-a-home", "home_volume", "farm-a-home"),
+    ("STAPFARM_LOG_VOLUME", "farm_a.log", "log_volume", "farm_a.log"),
+    ("STAPFARM_SERVER_UID", "1001", "server_ids", (1001, 155)),
+    ("STAPFARM_SERVER_GID", "0", "server_ids", (155, 0)),
+    ("STAPFARM_IMAGES_DIR", "/src/farm//images/", "images_dir", "/src/farm/images"),
+])
+def test_environment_each_variable(tmp_path: Path, variable: str, value: str, attr: str,
+                                   expected: object) -> None:
+    g = env_global(tmp_path, {variable: value})
+    assert getattr(g, attr) == expected
+    default = GlobalConfig(config_path="", stat_path="", log_file="")
+    assert replace(g, **{attr: getattr(default, attr)}) == env_global(tmp_path, {})
+
+
+def test_environment_uid_and_gid_together(tmp_path: Path) -> None:
+    g = env_global(tmp_path, {"STAPFARM_SERVER_UID": "2000", "STAPFARM_SERVER_GID": "3000"})
+    assert g.server_ids == (2000, 3000)
+
+
+def test_environment_empty_value_is_unset(tmp_path: Path) -> None:
+    g = env_global(tmp_path, dict.fromkeys(ENVIRONMENT, ""))
+    assert g == env_global(tmp_path, {})
+
+
+def test_environment_is_the_last_stage_over_the_files(tmp_path: Path) -> None:
+    gfile = tmp_path / "g"
+    gfile.write_text(f"STATE_DIR={tmp_path}/state\n")
+    g = env_global(tmp_path, {"STAPFARM_PREFIX": "second"}, [str(gfile)])
+    assert (g.prefix, g.state_dir, g.sources) == ("second", f"{tmp_path}/state", (str(gfile),))
+
+
+@pytest.mark.parametrize(("variable", "value", "what"), [
+    ("STAPFARM_PREFIX", "two words", "a word Docker accepts in names"),
+    ("STAPFARM_PREFIX", "-dash", "a word Docker accepts in names"),
+    ("STAPFARM_PREFIX", "a/b", "a word Docker accepts in names"),
+    ("STAPFARM_PREFIX", "caf\u00e9", "a word Docker accepts in names"),
+    ("STAPFARM_PREFIX", "p" * 65, "a word Docker accepts in names"),
+    ("STAPFARM_HOSTNAME", "under_score", "a DNS name"),
+    ("STAPFARM_HOSTNAME", "a..b", "a DNS name"),
+    ("STAPFARM_HOSTNAME", "host\nname", "a DNS name"),
+    ("STAPFARM_HOSTNAME", "x" * 64, "a DNS name"),
+    ("STAPFARM_HOSTNAME", ".".join(["a" * 63] * 4) + "b", "a DNS name"),
+    ("STAPFARM_HOME_VOLUME", "h", "a Docker volume name"),
+    ("STAPFARM_HOME_VOLUME", "/srv/home", "a Docker volume name"),
+    ("STAPFARM_LOG_VOLUME", "log volume", "a Docker volume name"),
+    ("STAPFARM_SERVER_UID", "stap-server", "a user id"),
+    ("STAPFARM_SERVER_UID", "0", "a user id"),
+    ("STAPFARM_SERVER_UID", "-1", "a user id"),
+    ("STAPFARM_SERVER_UID", "4294967295", "a user id"),
+    ("STAPFARM_SERVER_UID", "9" * 5000, "a user id"),
+    ("STAPFARM_SERVER_GID", "1e3", "a group id"),
+    ("STAPFARM_SERVER_GID", " 155", "a group id"),
+    ("STAPFARM_IMAGES_DIR", "images", "an absolute path"),
+])
+def test_environment_bad_values(tmp_path: Path, variable: str, value: str, what: str) -> None:
+    (problem,) = env_problems(tmp_path, {variable: value})
+    shown_value = shown(value.replace("\n", "\\n"))
+    assert problem.startswith(f"environment: {variable}: '{shown_value}' is not {what}")
+    assert "\n" not in problem and len(problem) < 200
+
+
+def test_environment_bad_value_messages() -> None:
+    with pytest.raises(ConfigError) as e:
+        apply_environment(G, {"STAPFARM_PREFIX": "my farm", "STAPFARM_SERVER_UID": "0"})
+    assert e.value.problems == [
+        ("environment: STAPFARM_PREFIX: 'my farm' is not a word Docker accepts in names "
+         "(letters, digits, '_', '.', '-', a letter or digit first, at most 64 characters)"),
+        ("environment: STAPFARM_SERVER_UID: '0' is not a user id (1-4294967294; a compile "
+         "server never runs as root)")]
+
+
+def test_environment_problems_join_the_files_problems(tmp_path: Path) -> None:
+    gfile = tmp_path / "g"
+    gfile.write_text("CPUS=many\n")
+    with pytest.raises(ConfigError) as e:
+        env_global(tmp_path, {"STAPFARM_SERVER_GID": "staff", "STAPFARM_HOSTNAME": "a b"},
+                   [str(gfile)])
+    assert [p.split(": ")[:2] for p in e.value.problems] == [
+        [f"{gfile}:1", "CPUS"], ["environment", "STAPFARM_HOSTNAME"],
+        ["environment", "STAPFARM_SERVER_GID"]]
+
+
+def test_environment_other_variables_are_not_read() -> None:
+    assert apply_environment(G, {"STAPFARM_CPUS": "x", "PREFIX": "x y", "HOSTNAME": "a_b",
+                                 "STAPFARM_RELEASE_X86_64": "?"}) == G
+
+
+def test_environment_table_in_docs_lists_every_variable() -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    table = docs.split("### Environment", 1)[1].split("\n###", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `STAPFARM_")]
+    named = {v for row in rows for v in re.findall(r"`(STAPFARM_[A-Z_]+)`", row.split("|")[1])}
+    assert named == {*ENVIRONMENT, CONFIG_FILE_ENV}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(ENVIRONMENT)), st.one_of(
+    st.text(max_size=80),
+    st.binary(max_size=12).map(lambda b: b.decode("utf-8", "surrogateescape"))))
+def test_environment_any_value_loads_or_is_one_config_error(variable: str, value: str) -> None:
+    try:
+        g = apply_environment(G, {variable: value})
+    except ConfigError as e:
+        (problem,) = e.problems
+        assert problem.startswith(f"environment: {variable}: ") and "\n" not in problem
+        return
+    if not value:
+        assert g == G
+        return
+    attr = ENVIRONMENT[variable][0]
+    if attr.startswith("server_"):
+        assert g.server_ids[attr == "server_gid"] == int(value)
+    else:
+        assert getattr(g, attr) in (value, os.path.normpath(value))
+
+
 # --------------------------------------------------------------------------- stat files
 
 STAT_SAMPLE = """\
@@ -532,7 +676,7 @@ def test_system_accounts_read_the_host_databases() -> None:
 def test_host_current_in_a_deleted_directory(monkeypatch: pytest.MonkeyPatch) -> None:
     def gone() -> str:
         raise FileNotFoundError(2, "No such file or directory")
-    monkeypatch.setattr("farm.manual.config.os.getcwd", gone)
+    monkeypatch.setattr("farm.manual.host.os.getcwd", gone)
     assert Host.current().cwd == ""
 
 

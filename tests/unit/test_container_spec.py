@@ -15,8 +15,8 @@ from farm.engine.specs import (
     Placement,
     config_from_json,
     config_to_json,
-    container_spec,
     daemon_args,
+    server_spec,
 )
 
 G = GlobalConfig(config_path="/c", stat_path="/s", log_file="/l", state_dir="/st",
@@ -56,7 +56,7 @@ def test_native_has_no_cross_compile_and_an_explicit_one_is_kept() -> None:
 def test_container_spec_is_locked_down_and_labelled() -> None:
     plan = resolve(Strategy.AUTO, ARM64, X86_64)
     c = cfg(include=("/taps",), releases=("9.9.1+test1-arm64", "/src/linux"))
-    spec = container_spec(c, plan, WHERE, G)
+    spec = server_spec(c, plan, WHERE, G)
     assert spec["image"] == "stapfarm/server:x86_64"
     assert spec["platform"] == "linux/amd64"
     assert spec["user"] == "155:155"
@@ -85,16 +85,16 @@ def test_container_spec_is_locked_down_and_labelled() -> None:
 
 def test_emulated_runs_the_target_image_platform() -> None:
     plan = resolve(Strategy.EMULATED, ARM64, X86_64)
-    spec = container_spec(cfg(), plan, WHERE, G)
+    spec = server_spec(cfg(), plan, WHERE, G)
     assert spec["platform"] == "linux/arm64"
     assert "CROSS_COMPILE=aarch64-linux-gnu-" not in spec["command"]
 
 
 def test_spec_hash_changes_with_the_spec_only() -> None:
     plan = resolve(Strategy.AUTO, ARM64, X86_64)
-    a = container_spec(cfg(), plan, WHERE, G)
-    b = container_spec(cfg(nickname="other"), plan, WHERE, G)
-    c = container_spec(cfg(define=("X=1",)), plan, WHERE, G)
+    a = server_spec(cfg(), plan, WHERE, G)
+    b = server_spec(cfg(nickname="other"), plan, WHERE, G)
+    c = server_spec(cfg(define=("X=1",)), plan, WHERE, G)
     assert a["labels"][labels.SPEC_HASH] == \
         b["labels"][labels.SPEC_HASH]
     assert a["labels"][labels.SPEC_HASH] != c["labels"][labels.SPEC_HASH]
@@ -110,16 +110,16 @@ def test_cpu_limit_defaults_to_two_cpus_and_zero_means_none() -> None:
     from dataclasses import replace
 
     plan = resolve(Strategy.AUTO, X86_64, X86_64)
-    assert container_spec(cfg(arch="x86_64"), plan, WHERE, G)["nano_cpus"] == 2_000_000_000
-    assert "nano_cpus" not in container_spec(cfg(arch="x86_64"), plan, WHERE,
+    assert server_spec(cfg(arch="x86_64"), plan, WHERE, G)["nano_cpus"] == 2_000_000_000
+    assert "nano_cpus" not in server_spec(cfg(arch="x86_64"), plan, WHERE,
                                              replace(G, cpus=0.0))
-    spec = container_spec(cfg(arch="x86_64"), plan, WHERE, replace(G, cpus=1.5))
+    spec = server_spec(cfg(arch="x86_64"), plan, WHERE, replace(G, cpus=1.5))
     assert spec["nano_cpus"] == 1_500_000_000
 
 
 def test_ipc_is_off_and_health_is_checked_over_tls() -> None:
     plan = resolve(Strategy.AUTO, X86_64, X86_64)
-    spec = container_spec(cfg(arch="x86_64"), plan, WHERE, G)
+    spec = server_spec(cfg(arch="x86_64"), plan, WHERE, G)
     assert spec["ipc_mode"] == "none"
     test = spec["healthcheck"]["Test"]
     assert test[0] == "CMD" and "openssl s_client" in test[-1] and "127.0.0.1:5001" in test[-1]

@@ -148,7 +148,7 @@ def test_the_queue_is_bounded_and_answers_when_full(
     threads[0].start()
     poll("a is building", lambda: s.builds, 10, step=0.01)
     threads[1].start()
-    poll("b is waiting", lambda: r.endpoint._waiting == 1, 10, step=0.01)
+    poll("b is waiting", lambda: r.endpoint.router._waiting == 1, 10, step=0.01)
     rc, resp = compile_(r.port, request_zip("c"))
     assert rc == 1 and "the farm is busy (1 requests waiting" in stderr(resp)
     gate.set()

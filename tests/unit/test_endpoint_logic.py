@@ -62,12 +62,12 @@ def test_a_changed_tree_or_image_misses(make: Callable[..., Running],
     r = make(d)
     compile_(r.port, request_zip())
     d.servers = [upstream("x86", s, tree="tree-2")]
-    r.endpoint._refreshed = 0  # what the refresh loop does every REFRESH seconds
-    asyncio.run_coroutine_threadsafe(r.endpoint._current(force=True), r.loop).result(5)
+    r.endpoint.router._refreshed = 0  # what the refresh loop does every REFRESH seconds
+    asyncio.run_coroutine_threadsafe(r.endpoint.router.current(force=True), r.loop).result(5)
     compile_(r.port, request_zip())
     assert len(s.builds) == 2
     d.servers = [upstream("x86", s, tree="tree-2", identity="image-2")]
-    asyncio.run_coroutine_threadsafe(r.endpoint._current(force=True), r.loop).result(5)
+    asyncio.run_coroutine_threadsafe(r.endpoint.router.current(force=True), r.loop).result(5)
     compile_(r.port, request_zip())
     assert len(s.builds) == 3
 

@@ -19,11 +19,13 @@ import pytest
 
 from farm.core.arch import ARM64, X86_64, Arch
 from farm.core.errors import KernelTreeError
+from farm.engine import trees as store_module
+from farm.engine.docker import Engine
+from farm.engine.trees import TreeStore
 from farm.kernels import trees as kernels
 from farm.kernels.debian import Package
 from farm.kernels.trees import (
     KernelTree,
-    TreeStore,
     _release_of_headers,
     available,
     parse_kernelvariables,
@@ -117,8 +119,8 @@ def test_volume_names_and_tree_ids() -> None:
 def test_split_json_reads_concatenated_manifests() -> None:
     docs = [{"release": "a"}, {"release": "b", "packages": {"x": "1"}}]
     text = " ".join(json.dumps(d, indent=1).replace("\n", " ") for d in docs)
-    assert kernels._split_json(text + "\n") == docs
-    assert kernels._split_json(" \n") == []
+    assert kernels.split_json(text + "\n") == docs
+    assert kernels.split_json(" \n") == []
 
 
 # --------------------------------------------------------------------------- fake mirror
@@ -219,6 +221,11 @@ class FakeJob:
     archives: dict[str, list[str]] = field(default_factory=dict)  # path -> member names
     manifests: list[dict[str, Any]] = field(default_factory=list)
     removed: bool = False
+    name: str = "job"
+    status: str = "running"
+
+    def stop(self, timeout: int = 10) -> None:
+        self.status = "exited"
 
     def exec_run(self, cmd: list[str]) -> tuple[int, bytes]:
         self.commands.append(cmd)
@@ -245,7 +252,7 @@ class FakeJob:
 
 
 class FakeEngine:
-    """Just enough of docker.DockerClient for TreeStore."""
+    """Just enough of docker.DockerClient for TreeStore (through the real Engine adapter)."""
 
     def __init__(self, missing: set[str] | None = None) -> None:
         self.volume_names: set[str] = set()
@@ -274,13 +281,13 @@ class FakeEngine:
 @pytest.fixture(autouse=True)
 def _spool_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TreeStore spools downloads in /var/tmp; keep the unit tests' spools in tmp_path."""
-    real = kernels.tempfile.TemporaryFile
+    real = store_module.tempfile.TemporaryFile
 
     def spool(*args: Any, **kwargs: Any) -> Any:
         kwargs["dir"] = str(tmp_path)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels.tempfile, "TemporaryFile", spool)
+    monkeypatch.setattr(store_module.tempfile, "TemporaryFile", spool)
 
 
 def staged(job: FakeJob) -> list[str]:
@@ -291,7 +298,7 @@ def test_add_cross_tree_uses_the_image_arch_kbuild() -> None:
     mirror = FakeMirror()
     offer(mirror, "9.9.1+test1", "9.9.1-1", ARM64, image_arch=X86_64)
     engine = FakeEngine()
-    store = TreeStore(engine, "unit", X86_64, "unit/server:x86_64", test_label="t")
+    store = TreeStore(Engine(engine, "unit", "t"), X86_64, "unit/server:x86_64")
     said: list[str] = []
     tree = store.add(mirror, ("trixie",), ARM64, "9.9.1+test1-arm64",  # type: ignore[arg-type]
                      say=said.append)
@@ -316,7 +323,7 @@ def test_add_with_debuginfo_keeps_only_vmlinux_and_system_map() -> None:
     mirror = FakeMirror()
     offer(mirror, "9.9.1+test1", "9.9.1-1", X86_64, dbg=True)
     engine = FakeEngine()
-    store = TreeStore(engine, "unit", X86_64, "unit/server:x86_64")
+    store = TreeStore(Engine(engine, "unit", "t"), X86_64, "unit/server:x86_64")
     tree = store.add(mirror, ("trixie",), X86_64, "9.9.1+test1-amd64",  # type: ignore[arg-type]
                      debuginfo=True)
     assert tree.debuginfo
@@ -333,7 +340,7 @@ def test_add_unknown_release_is_one_clear_error() -> None:
     mirror = FakeMirror()
     offer(mirror, "9.9.1+test1", "9.9.1-1", X86_64)
     engine = FakeEngine()
-    store = TreeStore(engine, "unit", X86_64, "unit/server:x86_64")
+    store = TreeStore(Engine(engine, "unit", "t"), X86_64, "unit/server:x86_64")
     with pytest.raises(KernelTreeError) as info:
         store.add(mirror, ("trixie",), X86_64, "9.9.7+test1-amd64")  # type: ignore[arg-type]
     text = str(info.value)
@@ -350,7 +357,7 @@ def test_add_refuses_a_tree_whose_compiler_the_image_lacks() -> None:
     mirror = FakeMirror()
     offer(mirror, "9.9.1+test1", "9.9.1-1", X86_64)
     engine = FakeEngine(missing={"x86_64-linux-gnu-gcc-99"})
-    store = TreeStore(engine, "unit", X86_64, "unit/server:x86_64")
+    store = TreeStore(Engine(engine, "unit", "t"), X86_64, "unit/server:x86_64")
     with pytest.raises(KernelTreeError) as info:
         store.add(mirror, ("trixie",), X86_64, "9.9.1+test1-amd64")  # type: ignore[arg-type]
     text = str(info.value)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from farm.manual.backend import RunningServer
-
+from farm.core.backend import RunningServer
 from farm.core.spec import ServerConfig
-from farm.manual.config import BadServerFile
 from farm.manual.plan import (
     Action,
     PlannedStep,
@@ -16,6 +14,7 @@ from farm.manual.plan import (
     plan,
     status_exit_code,
 )
+from farm.manual.server_config import BadServerFile
 
 X86 = ServerConfig(arch="x86_64", releases=("6.1.0-test",), user="u", log="/l")
 ARM = ServerConfig(arch="arm64", releases=("6.1.0-test",), user="u", log="/l")

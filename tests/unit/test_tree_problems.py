@@ -7,11 +7,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from farm.manual.backend import RunningServer
-
 from farm.core.arch import ARM64, X86_64
+from farm.core.backend import RunningServer
 from farm.core.spec import GlobalConfig, ServerConfig, Strategy
 from farm.core.strategy import BuildPlan
+from farm.engine.docker import Engine
 from farm.engine.servers import TREE_CHECK, DockerBackend, tree_problem
 from farm.kernels.trees import MANIFESTS
 from farm.kernels.trees import MOUNT as KERNELS_MOUNT
@@ -75,8 +75,8 @@ class FakeContainer:
 
 
 def _backend() -> DockerBackend:
-    return DockerBackend(client=None, gcfg=GlobalConfig(config_path="", stat_path="",
-                                                        log_file=""))
+    return DockerBackend(engine=Engine(None), gcfg=GlobalConfig(config_path="", stat_path="",
+                                                                log_file=""))
 
 
 def test_backend_reports_the_releases_the_check_prints() -> None:

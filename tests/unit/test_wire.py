@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from farm.endpoint import wire
+from farm.endpoint import wire, zipheaders, zipread
 from farm.endpoint.wire import Request, RequestError
 
 LIMIT = 64 << 20  # upstream's default MAXREQSIZE-like bound used in these tests
@@ -334,15 +334,16 @@ def test_zip_bomb_with_lying_header_is_refused_without_inflating_it(bomb: bytes)
 def test_read_budget_bounds_actual_decompression() -> None:
     """Whatever the headers say, reading stops one byte past the budget."""
     data = client_zip({**HELLO, "tapset/big": bytes(1 << 20)}, dirs=False)
-    entries = wire._entries(data, wire._REQUEST)
+    entries = zipheaders.entries(data, wire._REQUEST)
     big = next(e for e in entries if e.name == "tapset/big")
     compressed = data[big.data_start:big.data_start + big.compress_size]
-    assert len(wire._inflate(compressed, 1000)[0]) == 1001
-    assert len(wire._read_entry(memoryview(data), big, 1000, wire._REQUEST)) == 1001
+    assert len(zipread._inflate(compressed, 1000)[0]) == 1001
+    assert len(zipread._read_entry(memoryview(data), big, 1000, wire._REQUEST)) == 1001
     small = sum(len(c) for c in HELLO.values())
     with pytest.raises(RequestError, match="exceeds this farm's limit"):
-        wire._read_contents(data, entries, small + 1000)
-    assert len(wire._read_contents(data, entries, small + (1 << 20))) == len(HELLO) + 1
+        zipread.read_contents(data, entries, small + 1000, wire._REQUEST)
+    assert len(zipread.read_contents(data, entries, small + (1 << 20), wire._REQUEST)) == \
+        len(HELLO) + 1
 
 
 @pytest.mark.parametrize("sysinfo", [

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from farm.endpoint import wire
+from farm.endpoint import wire, zipheaders
 from farm.endpoint.wire import Request, RequestError, Response, ResponseError
 
 LIMIT = 64 << 20
@@ -479,7 +479,7 @@ def test_a_million_entries_are_refused_from_the_end_record_alone(
     def never(*args: object) -> None:
         raise AssertionError("the central directory was parsed")
 
-    monkeypatch.setattr(wire, "_central_directory", never)
+    monkeypatch.setattr(zipheaders, "_central_directory", never)
     data = zip64_end(1_000_000, 46 * 1_000_000, 0, 0)
     tracemalloc.start()
     try:
@@ -494,7 +494,7 @@ def test_a_million_entries_are_refused_from_the_end_record_alone(
 
 def test_65535_entries_without_zip64_are_refused_from_the_end_record_alone(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wire, "_central_directory", None)  # calling it would be a TypeError
+    monkeypatch.setattr(zipheaders, "_central_directory", None)  # calling it would be a TypeError
     assert "request has 65535 zip entries" in refused(end_record(0xFFFF, 0, 0))
 
 

@@ -34,20 +34,21 @@ from typing import Any
 import pytest
 
 from farm.core.arch import X86_64
-from farm.engine.advertiser import container_name
+from farm.engine.service_specs import advertiser_name as container_name
 from farm.trust import tls as tlsprobe
-from tests.conftest import KernelTrees, elf_machine
 from tests.support.client import (
     default_host_names,
     start_client,
 )
+from tests.support.elf import elf_machine
 from tests.support.farm import Farm, make_farm
 from tests.support.mdns_browser import Browser
 from tests.support.poll import poll as _poll
 from tests.support.poll import wait_until
 from tests.support.resources import retire_advertiser
+from tests.support.trees import KernelTrees
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.engine_restart]
 
 NICK = "survivor"
 HELLO = 'probe begin { println("hello"); exit() }'
