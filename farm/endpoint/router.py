@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import time
@@ -53,9 +54,12 @@ class Answer(Exception):
 
 @dataclass
 class Prepared:
-    """A request after the strict reader: what routing needs, the bytes to forward."""
+    """A request after the strict reader: what routing needs, the bytes to forward. Its
+    files are not kept (only their digest): a waiting request holds its encoded bytes once,
+    which is what the endpoint's memory budget counts."""
 
-    request: wire.Request
+    request: wire.Request  # files and dirs emptied
+    digest: bytes  # wire.request_digest of the full request
     encoded: bytes
 
 
@@ -125,8 +129,8 @@ class Router:
             if not Target(request.release, request.arch).well_formed:
                 raise Answer("the request's kernel release is longer than this farm "
                              "accepts; check stap's -r", "rejected")
-            encoded = await loop.run_in_executor(self._pool, wire.encode_request, request)
-        return Prepared(request, encoded)
+            encoded, digest = await loop.run_in_executor(self._pool, _encode, request)
+        return Prepared(dataclasses.replace(request, files=(), dirs=()), digest, encoded)
 
     async def answer(self, p: Prepared) -> tuple[bytes, str, str]:
         """The response for one checked request: (zip, target label, outcome).
@@ -169,7 +173,7 @@ class Router:
             raise Answer(f"the kernel tree of {target.release} ({target.arch}) is missing "
                          f"from the farm; its operator can add it with `stap-server kernels "
                          f"add -a {machine} -r {target.release}`", "failed", label)
-        keys = await loop.run_in_executor(self._pool, self._keys, p.request, target, usable)
+        keys = self._keys(p.digest, target, usable)
         for u in usable:  # any replica's result will do
             hit = await loop.run_in_executor(self._pool, self._cache_get, keys[u.name])
             if hit is not None:
@@ -186,9 +190,9 @@ class Router:
             return response, label, "hit"
         return response, label, "built" if wire.response_rc(response) == 0 else "failed"
 
-    def _keys(self, request: wire.Request, target: Target,
+    def _keys(self, digest: bytes, target: Target,
               usable: list[Upstream]) -> dict[str, str]:
-        return {u.name: wire.cache_key(request, _identity(u, target) + self._farm_id)
+        return {u.name: wire.key_of(digest, _identity(u, target) + self._farm_id)
                 for u in usable}
 
     def _cache_get(self, key: str) -> bytes | None:
@@ -320,6 +324,12 @@ class Router:
                 raise Answer(f"a server for {target} was started but is not running",
                              "unrouted", UNSERVED)
             return found
+
+
+def _encode(request: wire.Request) -> tuple[bytes, bytes]:
+    """The request's bytes to forward and its digest (one worker-thread job: both read all
+    of its content)."""
+    return wire.encode_request(request), wire.request_digest(request)
 
 
 def _identity(u: Upstream, target: Target) -> str:

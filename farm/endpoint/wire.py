@@ -231,16 +231,12 @@ def encode_request(request: Request) -> bytes:
 # --------------------------------------------------------------------------- cache
 
 
-def cache_key(request: Request, identity: str) -> str:
-    """Hex sha256 naming the module a request builds on the server identified by identity.
-
-    Covers identity, every directory entry and every (name, content) of request.files:
-    everything `encode_request` forwards. Each part is length-prefixed (so ("ab", "c") and
+def request_digest(request: Request) -> bytes:
+    """The sha256 of everything `encode_request` forwards: every directory entry and every
+    (name, content) of request.files. Each part is length-prefixed (so ("ab", "c") and
     ("a", "bc") differ) and each section counted, in name order (the zip's order does not
-    matter).
-    """
+    matter). Computed once per request, so that its content need not be kept."""
     digest = hashlib.sha256(_KEY_TAG)
-    digest.update(_framed(identity.encode("utf-8", errors="surrogateescape")))
     dirs = sorted(request.dirs)
     digest.update(struct.pack(">Q", len(dirs)))
     for name in dirs:
@@ -250,7 +246,22 @@ def cache_key(request: Request, identity: str) -> str:
     for name, content in files:
         digest.update(_framed(name.encode("utf-8", errors="surrogateescape")))
         digest.update(_framed(content))
-    return digest.hexdigest()
+    return digest.digest()
+
+
+def key_of(digest: bytes, identity: str) -> str:
+    """Hex sha256 naming the module the request of DIGEST builds on the server identified
+    by IDENTITY."""
+    key = hashlib.sha256(_KEY_TAG)
+    key.update(_framed(identity.encode("utf-8", errors="surrogateescape")))
+    key.update(_framed(digest))
+    return key.hexdigest()
+
+
+def cache_key(request: Request, identity: str) -> str:
+    """Hex sha256 naming the module a request builds on the server identified by identity:
+    `key_of(request_digest(request), identity)`."""
+    return key_of(request_digest(request), identity)
 
 
 def _framed(data: bytes) -> bytes:
