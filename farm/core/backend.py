@@ -17,6 +17,9 @@ class RunningServer:
     port: int  # the published host port; 0 when unknown
     container: str  # backend handle (container id)
     running: bool  # False: it exists but its daemon is gone (crashed, engine restart...)
+    # True while its container runs (or restarts) without the daemon up yet, e.g. the restart
+    # policy bringing back a killed daemon: not stale, so `status` does not remove it.
+    settling: bool = False
     certinfo: str = ""  # certificate serial as lowercase colon hex, when known
     # why a running server cannot serve (e.g. a kernel tree removed under it), for `status`
     problems: tuple[str, ...] = ()

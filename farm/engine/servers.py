@@ -30,6 +30,8 @@ RENEW_DAYS = 7  # renew a certificate this close to expiry; status warns 30 days
 WARN_DAYS = 30
 READY_TIMEOUT = {Strategy.NATIVE: 90.0, Strategy.CROSS: 90.0, Strategy.EMULATED: 300.0}
 CERT_DIR = ".systemtap/ssl/server"
+# How long observing a server waits for the daemon of a container that is (re)starting.
+SETTLE_TIMEOUT = 15.0
 
 
 @dataclass
@@ -82,13 +84,23 @@ class DockerBackend:
 
     def _observe(self, c: Any) -> RunningServer:
         cfg = config_from_json(c.labels[labels.CONFIG])
-        deadline = time.monotonic() + 10
-        while c.status == "restarting" and time.monotonic() < deadline:
-            time.sleep(0.2)  # the restart policy is bringing a crashed daemon back
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        pid = 0
+        # The restart policy brings a crashed daemon back: the container restarts, then its
+        # entry script becomes the daemon. Wait (bounded) for the daemon of a container that
+        # is on its way up rather than calling it stale.
+        while True:
+            if c.status == "running":
+                pid = self._daemon_pid(c)
+            if pid or c.status not in ("restarting", "running", "created"):
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
             c.reload()
-        pid = self._daemon_pid(c) if c.status == "running" else 0
+        settling = not pid and c.status in ("restarting", "running", "created")
         return RunningServer(config=cfg, pid=pid, port=int(c.labels.get(labels.PORT, "0")),
-                             container=c.id, running=pid > 0,
+                             container=c.id, running=pid > 0, settling=settling,
                              problems=self._tree_problems(c, cfg) if pid > 0 else ())
 
     def _tree_problems(self, c: Any, cfg: ServerConfig) -> tuple[str, ...]:

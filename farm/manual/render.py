@@ -104,6 +104,9 @@ def status_line(step: PlannedStep) -> str:
         return "\n".join([line, *(f"  {p}" for p in step.server.problems)])
     if k is Step.STATUS_STALE:
         assert step.server is not None
+        if step.server.settling:
+            return (f"{PROG} {running_options(step.server)} is starting (its container is "
+                    "bringing the daemon up)")
         return (f"{PROG} {running_options(step.server)} started as PID {step.server.pid} "
                 "is no longer running")
     if k is Step.STATUS_NOT_RUNNING:
@@ -137,7 +140,10 @@ def status_json(steps: Sequence[PlannedStep], exit_code: int,
     for st in steps:
         if st.kind is Step.STATUS_NONE:
             continue
-        entry: dict[str, Any] = {"state": _STATE[st.kind], "nickname": st.nickname,
+        state = _STATE[st.kind]
+        if st.server is not None and st.kind is Step.STATUS_STALE and st.server.settling:
+            state = "starting"
+        entry: dict[str, Any] = {"state": state, "nickname": st.nickname,
                                  "pid": None, "port": None, "container": None,
                                  "certinfo": None, "config": None}
         if st.server is not None:

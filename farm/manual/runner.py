@@ -185,7 +185,8 @@ def _run(action: Action, o: Options, g: GlobalConfig, host: Host, backend: Backe
             out.write("".join(f"{n}\n" for n in notices))
         # As upstream deletes the stat file of a dead server once status has reported it,
         # the farm removes the dead server's container.
-        for stale in [s for s in observed if not s.running]:
+        # A container still on its way up (settling) is not dead: it is kept.
+        for stale in [s for s in observed if not s.running and not s.settling]:
             with contextlib.suppress(FarmError):
                 backend.stop(stale)
         _sync_stat(g.stat_path, [s for s in observed if s.running], err, quiet=True)

@@ -29,7 +29,7 @@ class FakeBackend:
         self.on_start: Callable[[ServerConfig], None] = lambda c: None
 
     def add(self, config: ServerConfig, *, pid: int | None = None, running: bool = True,
-            port: int | None = None) -> RunningServer:
+            port: int | None = None, settling: bool = False) -> RunningServer:
         """Seed a server as if an earlier invocation had started it."""
         if pid is None:
             pid = self.next_pid
@@ -37,7 +37,7 @@ class FakeBackend:
         if port is None:
             port = config.port or self._port()
         server = RunningServer(config=config, pid=pid, port=port, container=f"ctr-{pid}",
-                               running=running)
+                               running=running, settling=settling)
         self.servers[server.container] = server
         return server
 

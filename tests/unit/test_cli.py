@@ -386,6 +386,20 @@ def test_status_reports_a_dead_server_once_then_cleans_it_up(farm: Farm) -> None
     assert r.rc == 3
 
 
+def test_status_keeps_a_server_whose_container_is_bringing_its_daemon_back(
+        farm: Farm) -> None:
+    # kill -9 of a daemon: the restart policy restarts its container; a `status` in that
+    # window must say so and must not remove the container as if it were dead
+    farm.backend.add(config(farm, nickname="back"), pid=0, running=False, settling=True)
+    r = farm.run("status")
+    assert r.rc == 1
+    assert r.out == (f"stap-server {opts(farm, nick='back')} is starting (its container "
+                     "is bringing the daemon up)\n")
+    assert farm.backend.stopped == []
+    doc = json.loads(farm.run("status", "--json").out)
+    assert [s["state"] for s in doc["servers"]] == ["starting"]
+
+
 def test_status_prints_the_backends_notices_in_text_and_json(farm: Farm) -> None:
     farm.run("start", "-n", "a")
     farm.backend.notice_lines = ["mDNS advertiser: running"]
