@@ -71,7 +71,7 @@ down:
 	  docker compose -p $(COMPOSE_PROJECT) down
 
 test: setup
-	$(PY) -m pytest $(PYTEST_FLAGS)
+	$(PY) -m pytest --durations=40 $(PYTEST_FLAGS)
 
 test-fast:
 	$(PY) -m pytest -m "not docker and not slow" $(PYTEST_FLAGS)

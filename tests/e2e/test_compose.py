@@ -353,10 +353,16 @@ def stack(swarm: None, docker_client: Any, trees: KernelTrees, test_prefix: str,
         yield {"env": env, "name": name, "prefix": prefix, "deploy_output": deploy.stderr}
     finally:
         subprocess.run(["docker", "stack", "rm", name], capture_output=True, check=False)
+        import docker.errors
         flt = {"label": [f"com.docker.stack.namespace={name}"]}
-        wait_until(lambda: not docker_client.containers.list(all=True, filters=flt), 120, 0.5)
-        for c in docker_client.containers.list(all=True, filters=flt):
-            c.remove(force=True)
+        # sparse: no per-container inspect, which races the stack's own removal (404)
+        wait_until(lambda: not docker_client.containers.list(all=True, filters=flt,
+                                                              sparse=True), 120, 0.5)
+        for c in docker_client.containers.list(all=True, filters=flt, sparse=True):
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass  # removed by the stack meanwhile
         remove_volumes(docker_client, [env["STAPFARM_HOME_VOLUME"], env["STAPFARM_LOG_VOLUME"]])
 
 
