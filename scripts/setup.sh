@@ -106,6 +106,11 @@ if ! getent passwd stap-endpoint >/dev/null; then
   log "created user stap-endpoint (uid $(id -u stap-endpoint))"
 fi
 
+# --- the command on PATH, the systemd unit ([service] stap-server) ---------------------------
+if is_root; then
+  .venv/bin/python -m farm.manual.hostsetup service "$PWD/.venv/bin/stap-server"
+fi
+
 # --- images --------------------------------------------------------------------------------
 if [ "${SKIP_IMAGES:-0}" != 1 ]; then
   # shellcheck disable=SC2086 # IMAGE_BUILD_FLAGS is a list of flags
