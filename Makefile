@@ -64,11 +64,14 @@ up: setup
 	echo; \
 	echo "stapfarm: for docker compose commands in this shell: export STAPFARM_RELEASE_X86_64=$$x86 STAPFARM_RELEASE_ARM64=$$arm STAPFARM_HOSTNAME=$$h"
 
-# `make down`: stop and remove the lab farm's containers (volumes are kept: certificates, cache,
-# log; `docker compose -p stapfarm down -v` removes them too).
+# `make down`: stop and remove the lab farm's containers and the servers its endpoint
+# provisioned (volumes are kept: certificates, cache, log; `docker compose -p stapfarm down -v`
+# removes them too).
 down:
 	STAPFARM_RELEASE_X86_64=$${STAPFARM_RELEASE_X86_64:-none} STAPFARM_RELEASE_ARM64=$${STAPFARM_RELEASE_ARM64:-none} \
 	  docker compose -p $(COMPOSE_PROJECT) down
+	@# servers the endpoint provisioned belong to no compose project: stop them too
+	STAPFARM_PREFIX=$${STAPFARM_PREFIX:-stapfarm} $(SS) endpoint stop
 
 test: setup
 	$(PY) -m pytest --durations=40 $(PYTEST_FLAGS)

@@ -14,4 +14,5 @@ PORT = f"{PREFIX}.port"
 RELEASES = f"{PREFIX}.releases"
 STRATEGY = f"{PREFIX}.strategy"
 TEST = f"{PREFIX}.test"  # set on everything a test creates, removed by the test's teardown
+PROVISIONED = f"{PREFIX}.provisioned"  # on servers the endpoint started (it retires them)
 OFFERS = f"{PREFIX}.offers"  # the endpoint's provisioning offers, ARCH:RELEASE words

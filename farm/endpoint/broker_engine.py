@@ -32,7 +32,7 @@ log = logging.getLogger("stapfarm.broker")
 
 TREE_TTL = 5.0  # seconds a tree digest is reused
 PIN_TTL = 60.0  # seconds a server's certificate is reused (a renewal is seen within this)
-PROVISIONED = f"{labels.PREFIX}.provisioned"  # label on servers the endpoint started
+PROVISIONED = labels.PROVISIONED
 
 
 @dataclass

@@ -103,15 +103,19 @@ def ensure_endpoint(engine: Engine, gcfg: GlobalConfig, *, provision: bool,
                       f"\n{logs}")
 
 
-def stop_endpoint(engine: Engine) -> bool:
-    """Stop and remove the farm's endpoint (its cache and identity stay); whether one ran."""
+def stop_endpoint(engine: Engine) -> tuple[bool, int]:
+    """Stop and remove the farm's endpoint (its cache and identity stay) and the servers it
+    provisioned (nothing else would retire them): (whether an endpoint ran, servers removed)."""
     found = False
     for name in (frontdoor_name(engine.prefix), broker_name(engine.prefix)):
         c = engine.container(name)
         if c is not None:
             found = True
             engine.remove(c)
-    return found
+    provisioned = engine.containers("server", having=[labels.PROVISIONED])
+    for c in provisioned:
+        engine.remove(c)
+    return found, len(provisioned)
 
 
 def metrics(port: int, host: str = "127.0.0.1", timeout: float = 3.0) -> dict[str, float]:

@@ -106,7 +106,10 @@ class Engine:
         if running:
             filters["status"] = "running"
         try:
-            return list(self.client.containers.list(all=not running, filters=filters))
+            # ignore_removed: a container removed between the listing and its inspection
+            # (a stack, the broker or another command removing it) is simply not listed
+            return list(self.client.containers.list(all=not running, filters=filters,
+                                                    ignore_removed=True))
         except docker.errors.DockerException as e:
             raise DockerUnavailable(f"cannot list containers: {_explain(e)}") from e
 

@@ -311,8 +311,10 @@ def endpoint_action(argv: list[str], environ: Mapping[str, str], out: TextIO,
                   f"provisioning {'on' if provision else 'off'})", file=o)
             return EXIT_OK
         if ns.command == "stop":
-            print("farm endpoint: stopped" if endpoint_containers.stop_endpoint(engine)
-                  else "farm endpoint: not running", file=o)
+            ran, servers = endpoint_containers.stop_endpoint(engine)
+            print("farm endpoint: stopped" if ran else "farm endpoint: not running", file=o)
+            if servers:
+                print(f"farm endpoint: removed {servers} server(s) it had provisioned", file=o)
             return EXIT_OK
         line = endpoint_containers.endpoint_state(engine, gcfg)
         print(line or "farm endpoint: not running", file=o)

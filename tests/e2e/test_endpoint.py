@@ -340,3 +340,21 @@ def test_status_shows_the_endpoint_and_its_cache(ep: Endpoint) -> None:
     assert m["stapfarm_endpoint_cache_entries"] >= 1
     assert m["stapfarm_endpoint_request_seconds_count"] >= 1
     say("status: " + line)
+
+
+def test_endpoint_stop_takes_the_servers_it_provisioned(ep: Endpoint, docker_client: Any) -> None:
+    # This module's last test: it stops the endpoint. `make down` relies on this: a server
+    # the endpoint provisioned belongs to no compose project and nothing else retires it.
+    arch, release = ep.provision_target
+    rc, out, _ = ep.stap(arch, release, ["-m", "again", "-e", hello("before stop")])
+    assert rc == 0, out
+    prefix = ep.farm.env["STAPFARM_PREFIX"]
+    flt = {"label": [f"{labels.OWNER}={prefix}", labels.PROVISIONED]}
+    assert docker_client.containers.list(all=True, filters=flt), "nothing was provisioned"
+    configured = ep.farm.server("epx")
+    rc, out, err = ep.farm.run("endpoint", "stop")
+    assert rc == 0, out + err
+    assert "farm endpoint: stopped" in out and "removed 1 server(s) it had provisioned" in out
+    assert docker_client.containers.list(all=True, filters=flt) == []
+    # the servers the operator started stay
+    assert ep.farm.server("epx")["container"] == configured["container"]

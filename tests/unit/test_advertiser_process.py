@@ -60,7 +60,8 @@ class FakeEngine:
     def close(self) -> None:
         pass
 
-    def list(self, filters: Any, all: bool = False) -> list[FakeContainer]:
+    def list(self, filters: Any, all: bool = False,
+             ignore_removed: bool = False) -> list[FakeContainer]:
         if not self.up:
             raise ConnectionError("engine down")
         self.filters.append(filters)
