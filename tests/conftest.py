@@ -188,6 +188,7 @@ def farm_environ(test_prefix: str, test_label: str, session_dir: Path) -> dict[s
     were built with) followed by a private STATE_DIR.
     """
     from farm.manual import config
+    from tests.support.client import TEST_HOST
 
     text = ""
     default = config.global_file(os.environ)
@@ -203,7 +204,7 @@ def farm_environ(test_prefix: str, test_label: str, session_dir: Path) -> dict[s
            if k in ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY",
                     "LANG", "TMPDIR")}
     env.update({"STAPFARM_PREFIX": test_prefix, "STAPFARM_TEST_LABEL": test_label,
-                config.CONFIG_FILE_ENV: str(gfile)})
+                "STAPFARM_HOSTNAME": TEST_HOST, config.CONFIG_FILE_ENV: str(gfile)})
     return env
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import socket
 from contextlib import redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from farm.manual.cli import main
 from farm.manual.config import load_global
 from farm.trust import tls as tlsprobe
 from tests.support.client import (
+    TEST_HOST,
     authorize_cert,
     client_stap,
     network_gateway,
@@ -118,7 +118,7 @@ def test_advertiser_container_runs_on_the_test_bridge_only(farm: Farm, docker_cl
 
 def test_avahi_browse_shows_the_service_with_upstreams_txt(farm: Farm, docker_client: Any,
                                                           test_prefix: str) -> None:
-    host = socket.gethostname()
+    host = TEST_HOST
     _, v = docker_client.containers.get(farm.server["container"]).exec_run(["stap", "-V"])
     version = parse_stap_version(v.decode())
     certinfo = tlsprobe.certinfo(

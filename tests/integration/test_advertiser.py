@@ -25,6 +25,7 @@ from farm.discovery.mdns import SERVICE_TYPE
 from farm.engine.docker import Engine
 from farm.manual.cli import main
 from farm.trust import tls as tlsprobe
+from tests.support.client import TEST_HOST
 from tests.support.farm import private_environ
 from tests.support.mdns_browser import Browser
 from tests.support.poll import poll as wait_for
@@ -102,9 +103,8 @@ def _expected_txt(farm: Farm, docker_client: Any, server: dict[str, Any], rel: s
 def test_services_appear_on_start_and_go_on_stop_and_on_docker_kill(
         farm: Farm, kernel_trees: KernelTrees, docker_client: Any, browser: Browser,
         advertiser: Advertiser, gateway: str) -> None:
-    import socket
 
-    host = socket.gethostname()
+    host = TEST_HOST
     expected = f"Systemtap Compile Server on {host}.{SERVICE_TYPE}"
     rel = kernel_trees.release(ARM64)
     assert browser.current() == set()

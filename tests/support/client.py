@@ -19,7 +19,6 @@ import hashlib
 import io
 import os
 import re
-import socket
 import ssl
 import subprocess
 import tarfile
@@ -125,10 +124,16 @@ def network_gateway(docker_client: Any, network: Any) -> str:
     raise RuntimeError(f"network {net.name} has no gateway address")
 
 
+# The host name of this test session's farms (their STAPFARM_HOSTNAME): their certificates
+# and mDNS services name it, and the client containers resolve it to the host. A name of their
+# own, so that a farm already running on this host (`make up`, which uses the machine's name)
+# neither renames the tests' services nor is mistaken for them.
+TEST_HOST = f"farmtest-{uuid.uuid4().hex[:8]}"
+
+
 def default_host_names() -> list[str]:
-    """The names a farm on this host is known by (its certificates name the host)."""
-    names = [socket.gethostname(), socket.getfqdn()]
-    return [n for i, n in enumerate(names) if n and n != "localhost" and n not in names[:i]]
+    """The names this session's farms are known by (STAPFARM_HOSTNAME of farm_environ)."""
+    return [TEST_HOST]
 
 
 def start_client(docker_client: Any, network: Any, test_label: str,
