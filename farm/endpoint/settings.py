@@ -32,7 +32,7 @@ class Settings:
     max_per_source: int = 32
     max_queue: int = 256  # requests waiting for a build slot
     memory: int = 512 * 1024 * 1024  # request bytes held at once
-    max_response: int = 64 * 1024 * 1024
+    max_response: int = 256 * 1024 * 1024  # on the wire and unpacked (ENDPOINT_MAX_RESPONSE)
     server_version: str = "5.6"  # for responses the endpoint writes itself
     workers: int = 64  # threads that forward and wait for builds
     policy: Policy = field(default_factory=Policy)
