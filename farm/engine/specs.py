@@ -1,7 +1,8 @@
 """Container specs, pure: a server's (`server_spec`) here, the farm's services' in
 farm/engine/service_specs.py; each is the keyword arguments of `containers.run`, tested by
 equality, labelled with the farm's labels and a hash of everything that defines it (what a
-restart compares). compose.yaml is generated from the same functions (farm/engine/compose.py).
+restart compares). compose.yaml is generated from the same functions: farm/engine/compose.py
+translates their specs, farm/manual/compose_lab.py calls them for the lab farm.
 """
 
 from __future__ import annotations
