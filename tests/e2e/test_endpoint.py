@@ -352,6 +352,7 @@ def test_endpoint_stop_takes_the_servers_it_provisioned(ep: Endpoint, docker_cli
     flt = {"label": [f"{labels.OWNER}={prefix}", labels.PROVISIONED]}
     assert docker_client.containers.list(all=True, filters=flt), "nothing was provisioned"
     configured = ep.farm.server("epx")
+    say(endpoint_logs(docker_client, prefix))  # the fixture's teardown finds them gone
     rc, out, err = ep.farm.run("endpoint", "stop")
     assert rc == 0, out + err
     assert "farm endpoint: stopped" in out and "removed 1 server(s) it had provisioned" in out
