@@ -44,6 +44,9 @@ from farm.endpoint.zipread import read_archive, read_contents
 from farm.endpoint.zipwrite import encode
 
 MAX_ENTRIES = 20000  # entries in one request (or response) zip
+# The longest argument execve passes (MAX_ARG_STRLEN, 32 pages, less the NUL): the server
+# runs stap with the request's argv, and a longer one (a huge -e script) cannot be run.
+MAX_ARG = 32 * 4096 - 1
 MIN_CLIENT_VERSION = (1, 6)  # older clients use the pre-1.6 layout (no locale, uprobes.ko)
 DEFAULT_VERSION = "1.0"  # upstream's client version when the request has no `version`
 PRIVILEGES = ("stapusr", "stapsys", "stapdev")
@@ -153,8 +156,8 @@ def inspect_request(data: bytes, max_uncompressed: int) -> Request:
     Refuses archives that are not zips or that the strict reader refuses (see
     farm/endpoint/zipheaders.py and zipread.py), more than MAX_ENTRIES entries, unsafe,
     duplicate or symlink entries, a total size outside 1..max_uncompressed (declared or
-    actual), a missing or malformed `sysinfo`, or a protocol version that is unknown or
-    < 1.6.
+    actual), a missing or malformed `sysinfo`, a protocol version that is unknown or < 1.6,
+    or an argument longer than MAX_ARG bytes.
 
     Raises:
         RequestError: the request is refused; the message says why, in one line.
@@ -173,6 +176,11 @@ def _request(contents: dict[str, bytes], dirs: tuple[str, ...] = ()) -> Request:
     release, arch = _sysinfo(contents.get("sysinfo"))
     argv: list[str] = []
     while (arg := contents.get(f"argv{len(argv) + 1}")) is not None:
+        if len(arg) > MAX_ARG:
+            raise RequestError(f"request argument {len(argv) + 1} is {len(arg)} bytes, more "
+                               f"than the {MAX_ARG} bytes Linux passes in one argument "
+                               "(MAX_ARG_STRLEN), so the server could not run stap; put the "
+                               "script in a file (stap FILE) instead of -e")
         argv.append(arg.decode("utf-8", errors="surrogateescape"))
     return Request(version=version, release=release, arch=arch, argv=tuple(argv),
                    files=tuple(sorted(contents.items())), dirs=tuple(sorted(dirs)))

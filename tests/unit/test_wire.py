@@ -163,6 +163,15 @@ def test_argv_stops_at_first_missing_number_and_keeps_raw_bytes() -> None:
     assert wire.inspect_request(client_zip(no_argv), LIMIT).argv == ()
 
 
+def test_an_argument_execve_cannot_pass_is_refused_with_the_way_out() -> None:
+    longest = b"-e" + b"x" * (wire.MAX_ARG - 2)
+    ok = wire.inspect_request(client_zip(with_files(argv2=longest)), LIMIT)
+    assert len(ok.argv[1]) == wire.MAX_ARG == 131071
+    with pytest.raises(RequestError, match=r"^request argument 2 is 131072 bytes, more than "
+                       r"the 131071 bytes Linux passes .*script in a file"):
+        wire.inspect_request(client_zip(with_files(argv2=longest + b"x")), LIMIT)
+
+
 def test_files_sorted_whatever_the_zip_order() -> None:
     names = sorted(HELLO, reverse=True)
     request = wire.inspect_request(client_zip(HELLO, order=names, dirs=False), LIMIT)
