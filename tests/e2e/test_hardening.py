@@ -497,18 +497,12 @@ def test_hostile_request(farm: Farm, docker_client: Any, serial: int,
     _assert_unharmed(farm, docker_client, before, serial)
 
 
-def proposed_healthcheck(port: int) -> list[str]:
-    """MITIGATION (proposed for farm/container_spec.py, not applied there): a Docker health
-    check that completes a TLS handshake and the zero-length trust probe within 5 s, run
-    inside the server container (openssl is in the image). It fails when every worker is
-    held by idle connections, so `docker ps`/status and the advertiser can see it."""
-    probe = ("printf '\\0\\0\\0\\0' | timeout 5 openssl s_client -quiet "
-             f"-connect 127.0.0.1:{port} >/dev/null 2>&1")
-    return ["CMD", "sh", "-c", probe]
-
-
 def _health(container: Any, port: int) -> int:
-    code, _ = container.exec_run(proposed_healthcheck(port)[1:], user=SERVER_USER)
+    """Run the server's own Docker health check (farm/engine/specs.py: a TLS handshake and the
+    zero-length trust probe within 5 s) now, as the server user; its exit code."""
+    test = container.attrs["Config"]["Healthcheck"]["Test"]
+    assert test[0] == "CMD" and f"127.0.0.1:{port}" in test[-1], test
+    code, _ = container.exec_run(test[1:], user=SERVER_USER)
     return int(code)
 
 
@@ -535,7 +529,7 @@ def test_fifty_idle_connections_block_real_clients_until_they_close(
         for _ in range(IDLE_CONNECTIONS):
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
         _expect_log(farm, offset, "Server is overloaded")
-        assert _health(c, port) != 0  # the proposed health check sees it
+        assert _health(c, port) != 0  # the server's health check sees it
         started = time.monotonic()
         worker.start()
         # held for 10x a warm request (at least 30 s): the request must not complete
