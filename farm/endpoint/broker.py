@@ -7,13 +7,15 @@ listening port), behind a Unix socket with a narrow JSON protocol (one request l
 answer line, each at most MAX_MESSAGE bytes):
 
     {"op": "hello"}                          -> {"ok": true, "version": "5.6"}
-    {"op": "upstreams", "used": [names]}     -> {"ok": true, "upstreams": [Upstream...]}
+    {"op": "upstreams", "used": [names], "fresh": bool}
+                                             -> {"ok": true, "upstreams": [Upstream...]}
     {"op": "still_current", "handle": h}     -> {"ok": true, "current": bool}
     {"op": "provision", "release": r, "arch": a}
                                              -> {"ok": true} | {"ok": false, "error": "..."}
 
 The broker answers `upstreams` from a table it refreshes itself every REFRESH seconds (so the
-front door never makes it call Docker per request), checks every provisioning request against
+front door never makes it call Docker per request; `fresh`, which the front door asks for when
+the table proved wrong, looks again at most once per FRESH_INTERVAL), checks every provisioning request against
 ENDPOINT_OFFER and the mirror's current list (cached) before any container work, provisions
 one target at a time, remembers failures for FAILURE_MEMORY seconds, counts provisioned
 servers under the same lock, and retires provisioned servers nobody used for
@@ -41,6 +43,7 @@ log = logging.getLogger("stapfarm.broker")
 
 MAX_MESSAGE = 1 << 20  # bytes of one request or answer line
 REFRESH = 2.0  # seconds between looks at the engine
+FRESH_INTERVAL = 1.0  # the shortest time between two looks a front door's `fresh` causes
 LIST_TTL = 600.0  # seconds the mirror's list of releases is reused
 FAILURE_MEMORY = 600.0  # seconds a failed provisioning of a target is answered from memory
 
@@ -92,12 +95,13 @@ class Broker:
             self._table_at = self.clock()
         self.retire_idle()
 
-    def upstreams(self, used: list[str]) -> list[Upstream]:
+    def upstreams(self, used: list[str], fresh: bool = False) -> list[Upstream]:
         now = self.clock()
         with self._lock:
             for name in used[:4096]:
                 self._last_used[name] = now
-            stale = now - self._table_at > 4 * REFRESH
+            age = now - self._table_at
+            stale = age > 4 * REFRESH or (fresh and age > FRESH_INTERVAL)
         if stale:
             self.refresh()
         with self._lock:
@@ -202,8 +206,9 @@ class Broker:
                 used = message.get("used") or []
                 if not isinstance(used, list):
                     return {"ok": False, "error": "used must be a list"}
-                return {"ok": True, "upstreams": [u.to_json() for u in
-                                                  self.upstreams([str(n) for n in used])]}
+                fresh = message.get("fresh") is True
+                return {"ok": True, "upstreams": [
+                    u.to_json() for u in self.upstreams([str(n) for n in used], fresh)]}
             if op == "still_current":
                 return {"ok": True,
                         "current": self.engine.still_current(str(message.get("handle", "")))}

@@ -62,8 +62,10 @@ class BrokerDirectory:
         answer = call(self.path, {"op": "hello"}, TABLE_TIMEOUT)
         return str(answer.get("version") or "5.0")
 
-    def upstreams(self, used: frozenset[str] = frozenset()) -> list[Upstream]:
-        answer = call(self.path, {"op": "upstreams", "used": sorted(used)}, TABLE_TIMEOUT)
+    def upstreams(self, used: frozenset[str] = frozenset(), fresh: bool = False
+                  ) -> list[Upstream]:
+        answer = call(self.path, {"op": "upstreams", "used": sorted(used), "fresh": fresh},
+                      TABLE_TIMEOUT)
         if not answer.get("ok"):
             raise FarmError(f"the broker: {answer.get('error', '?')}")
         out = []

@@ -268,19 +268,22 @@ class Router:
 
     # ------------------------------------------------------------------ routing
     async def _candidates(self, target: Target, force: bool = False) -> list[Upstream]:
-        found = [u for u in await self.current(force) if u.serves(target)]
+        # force: the table proved wrong (a server did not answer); the directory looks again
+        found = [u for u in await self.current(force, fresh=force) if u.serves(target)]
         if not found and not force:  # a server may have just started: look again
-            found = [u for u in await self.current(force=True) if u.serves(target)]
+            found = [u for u in await self.current(force=True, fresh=True)
+                     if u.serves(target)]
         return found
 
-    async def current(self, force: bool = False) -> list[Upstream]:
-        """The routing table: the directory's upstreams, asked again when force or stale."""
+    async def current(self, force: bool = False, fresh: bool = False) -> list[Upstream]:
+        """The routing table: the directory's upstreams, asked again when force or stale
+        (FRESH: and the directory must look at the engine, not answer from its table)."""
         if force or time.monotonic() - self._refreshed > 4 * REFRESH:
             used, self._used = frozenset(self._used), set()
             loop = asyncio.get_running_loop()
             try:
                 self._upstreams = await loop.run_in_executor(
-                    self._pool, lambda: self.directory.upstreams(used))
+                    self._pool, lambda: self.directory.upstreams(used, fresh))
             except Exception:
                 self._used |= used  # reported next time
                 raise

@@ -82,9 +82,12 @@ class Upstream:
 class Directory(Protocol):
     """Where the running servers are (the broker in production, a list in unit tests)."""
 
-    def upstreams(self, used: frozenset[str] = frozenset()) -> list[Upstream]:
+    def upstreams(self, used: frozenset[str] = frozenset(), fresh: bool = False
+                  ) -> list[Upstream]:
         """The servers now; USED names the ones that answered requests since the last call
-        (so that idle provisioned servers can be retired)."""
+        (so that idle provisioned servers can be retired). FRESH: the caller found the table
+        wrong (a server gone or restarted): look at the engine again rather than answer from
+        a table kept for a while (at most once per FRESH_INTERVAL)."""
         ...
 
     def still_current(self, upstream: Upstream) -> bool:

@@ -150,7 +150,8 @@ class FakeDirectory:
     servers: list[Upstream] = field(default_factory=list)
     calls: int = 0
 
-    def upstreams(self, used: frozenset[str] = frozenset()) -> list[Upstream]:
+    def upstreams(self, used: frozenset[str] = frozenset(), fresh: bool = False
+                  ) -> list[Upstream]:
         self.calls += 1
         return list(self.servers)
 

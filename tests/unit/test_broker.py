@@ -229,3 +229,23 @@ def test_garbage_on_the_socket_gets_an_error_line(socket_broker: tuple[str, Fake
 def test_an_absent_broker_is_a_farm_error(tmp_path: Path) -> None:
     with pytest.raises(FarmError, match="broker does not answer"):
         call(str(tmp_path / "none.sock"), {"op": "hello"}, 1)
+
+
+def test_a_fresh_look_is_taken_when_the_front_door_found_the_table_wrong() -> None:
+    # a server restarted or retired between two refreshes: the front door asks again with
+    # fresh=True and must not get the same cached table (bounded: once per FRESH_INTERVAL)
+    from farm.endpoint.broker import FRESH_INTERVAL
+
+    e, clock = FakeEngine(), Clock()
+    b = broker(e, clock)
+    assert b.upstreams([]) == []
+    e.running.append(Upstream(name="new", host="127.0.0.1", port=2, arch="x86_64",
+                              releases=(REL,), identity="i", tree_ids={REL: "t"}, slots=2,
+                              handle="new"))
+    clock.now += FRESH_INTERVAL + 0.1
+    assert b.upstreams([]) == []  # the table, kept a while
+    assert b.handle({"op": "upstreams", "used": [], "fresh": True})["upstreams"][0][
+        "name"] == "new"
+    e.running.clear()
+    clock.now += FRESH_INTERVAL / 2
+    assert [u.name for u in b.upstreams([], fresh=True)] == ["new"]  # not twice a second
