@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from farm.core import labels
 from farm.core.arch import ALL, Arch
@@ -29,18 +29,17 @@ from farm.engine.servers import DockerBackend
 from farm.engine.trees import TreeStore
 from farm.kernels import trees as kernels
 from farm.kernels.debian import Mirror
-from farm.manual.compose_lab import FILES, lab_files
+from farm.manual.compose_cli import compose_action
 from farm.manual.config import global_file, load_global
 from farm.manual.host import Host
 from farm.manual.server_config import ServerDraft, resolve_server
+from farm.manual.subcommand import Parser
 from farm.trust import store as trust
 
 Action = Callable[[list[str], Mapping[str, str], TextIO, TextIO], int]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse would sys.exit(2) itself
-        raise UsageError(f"{self.prog}: {message}")
+_Parser = Parser
 
 
 def _global(paths: list[str], environ: Mapping[str, str]) -> GlobalConfig:
@@ -322,45 +321,6 @@ def endpoint_action(argv: list[str], environ: Mapping[str, str], out: TextIO,
         return EXIT_OK if line.startswith("farm endpoint: running") else EXIT_NOT_RUNNING
 
     return _run(run, p, argv, environ, out, err)
-
-
-def compose_action(argv: list[str], environ: Mapping[str, str], out: TextIO,
-                   err: TextIO) -> int:
-    """stap-server compose [--lab] [-o DIR [--force]]: the lab farm's compose files"""
-    p = _Parser(prog="stap-server compose",
-                description="The lab farm's compose files, generated from the specs "
-                            "`stap-server start` uses (default: compose.yaml on stdout).")
-    p.add_argument("--lab", action="store_true",
-                   help="with the `build` sections of a checkout (images/), as checked in")
-    p.add_argument("-o", dest="output", metavar="DIR", help=f"write {' and '.join(FILES)}")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
-    try:  # no global file: the files are the same on every host
-        ns = p.parse_args(argv)
-        if ns.force and ns.output is None:
-            raise UsageError("--force is only for -o DIR")
-        files = lab_files(build=ns.lab)
-        if ns.output is None:
-            out.write(files[FILES[0]])
-            return EXIT_OK
-        if not Path(ns.output).is_dir():
-            raise FarmError(f"{ns.output} is not a directory")
-        paths = {Path(ns.output, name): text for name, text in files.items()}
-        existing = [str(path) for path in paths if path.exists()]
-        if existing and not ns.force:
-            raise FarmError(f"{' and '.join(existing)} already there",
-                            hint="add --force to overwrite")
-        for path, text in paths.items():
-            tmp = path.with_name(f".{path.name}.tmp")
-            try:  # atomically: a reader sees the old file or the new one
-                tmp.write_text(text)
-                tmp.replace(path)
-            except OSError as e:
-                raise FarmError(f"cannot write {path}: {e.strerror}") from e
-            print(f"wrote {path}", file=out)
-        return EXIT_OK
-    except FarmError as e:
-        print(f"stap-server: {e}", file=err)
-        return e.exit_code
 
 
 ACTIONS: dict[str, Action] = {
