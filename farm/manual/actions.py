@@ -39,7 +39,6 @@ from farm.trust import store as trust
 Action = Callable[[list[str], Mapping[str, str], TextIO, TextIO], int]
 
 
-_Parser = Parser
 
 
 def _global(paths: list[str], environ: Mapping[str, str]) -> GlobalConfig:
@@ -79,7 +78,7 @@ def _say(stream: TextIO) -> Callable[[str], None]:
 
 def images_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     """stap-server images {build|list} [-a ARCH]... [--force] [--allow-expired-release]"""
-    p = _Parser(prog="stap-server images", description="Build or list the farm's server images.")
+    p = Parser(prog="stap-server images", description="Build or list the farm's server images.")
     p.add_argument("command", choices=["build", "list"])
     p.add_argument("-a", dest="arch", action="append", help="x86_64 or aarch64 (default: all)")
     p.add_argument("-c", dest="config", action="append", help="global configuration file")
@@ -117,7 +116,7 @@ def _mirror(gcfg: GlobalConfig) -> Mirror:
 
 def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     """stap-server kernels {available|add|list|remove} [-a ARCH] [-r RELEASE] [--debuginfo]"""
-    p = _Parser(prog="stap-server kernels",
+    p = Parser(prog="stap-server kernels",
                 description="Kernel devel trees by release, from the Debian mirror.")
     p.add_argument("command", choices=["available", "add", "list", "remove"])
     p.add_argument("-a", dest="arch", action="append", help="target architecture")
@@ -186,7 +185,7 @@ def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err
 
 def trust_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     """stap-server trust [-n NICK|-p PID]... [--all-users|--signer] [--revoke] [--export DIR]"""
-    p = _Parser(prog="stap-server trust",
+    p = Parser(prog="stap-server trust",
                 description="Trust the farm's servers: install their certificates where stap "
                             "clients (or staprun) look, revoke them, or export them.")
     p.add_argument("-n", dest="nickname", action="append", default=[], help="server nickname")
@@ -253,7 +252,7 @@ def trust_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: 
 
 def mdns_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     """stap-server mdns [-c FILE]... [--interface X]...: the advertiser in the foreground"""
-    p = _Parser(prog="stap-server mdns",
+    p = Parser(prog="stap-server mdns",
                 description="Advertise the farm's servers over mDNS in the foreground "
                             "(what the advertiser container runs), until interrupted.")
     p.add_argument("-c", dest="config", action="append", help="global configuration file")
@@ -275,7 +274,7 @@ def mdns_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: T
 def endpoint_action(argv: list[str], environ: Mapping[str, str], out: TextIO,
                     err: TextIO) -> int:
     """stap-server endpoint {start|stop|status|run|broker} [-c FILE]... [--provision|...]"""
-    p = _Parser(prog="stap-server endpoint",
+    p = Parser(prog="stap-server endpoint",
                 description="The farm endpoint: one TLS address for every target (ENDPOINT_PORT), "
                             "routed by the request, validated, answered from a module cache.")
     p.add_argument("command", choices=["start", "stop", "status", "run", "broker"],
