@@ -173,7 +173,9 @@ def _ports(ports: Mapping[str, Any]) -> list[dict[str, Any]]:
         if address not in ("", "0.0.0.0"):
             raise ComposeError(f"port {key}: a stack file cannot bind to {address} (only to "
                                "every address)")
-        out.append({"target": target, "published": _value(published),
+        # a literal port is an integer (a stack file refuses a string); a variable stays text
+        out.append({"target": int(target) if target.isdigit() else target,
+                    "published": _value(published),
                     "protocol": protocol, "mode": "host"})
     return out
 

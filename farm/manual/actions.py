@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from farm.core import labels
 from farm.core.arch import ALL, Arch
@@ -29,18 +29,16 @@ from farm.engine.servers import DockerBackend
 from farm.engine.trees import TreeStore
 from farm.kernels import trees as kernels
 from farm.kernels.debian import Mirror
-from farm.manual.compose_lab import FILES, lab_files
+from farm.manual.compose_cli import compose_action
 from farm.manual.config import global_file, load_global
 from farm.manual.host import Host
 from farm.manual.server_config import ServerDraft, resolve_server
+from farm.manual.subcommand import Parser
 from farm.trust import store as trust
 
 Action = Callable[[list[str], Mapping[str, str], TextIO, TextIO], int]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse would sys.exit(2) itself
-        raise UsageError(f"{self.prog}: {message}")
 
 
 def _global(paths: list[str], environ: Mapping[str, str]) -> GlobalConfig:
@@ -80,7 +78,7 @@ def _say(stream: TextIO) -> Callable[[str], None]:
 
 def images_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     """stap-server images {build|list} [-a ARCH]... [--force] [--allow-expired-release]"""
-    p = _Parser(prog="stap-server images", description="Build or list the farm's server images.")
+    p = Parser(prog="stap-server images", description="Build or list the farm's server images.")
     p.add_argument("command", choices=["build", "list"])
     p.add_argument("-a", dest="arch", action="append", help="x86_64 or aarch64 (default: all)")
     p.add_argument("-c", dest="config", action="append", help="global configuration file")
@@ -118,7 +116,7 @@ def _mirror(gcfg: GlobalConfig) -> Mirror:
 
 def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     """stap-server kernels {available|add|list|remove} [-a ARCH] [-r RELEASE] [--debuginfo]"""
-    p = _Parser(prog="stap-server kernels",
+    p = Parser(prog="stap-server kernels",
                 description="Kernel devel trees by release, from the Debian mirror.")
     p.add_argument("command", choices=["available", "add", "list", "remove"])
     p.add_argument("-a", dest="arch", action="append", help="target architecture")
@@ -187,7 +185,7 @@ def kernels_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err
 
 def trust_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     """stap-server trust [-n NICK|-p PID]... [--all-users|--signer] [--revoke] [--export DIR]"""
-    p = _Parser(prog="stap-server trust",
+    p = Parser(prog="stap-server trust",
                 description="Trust the farm's servers: install their certificates where stap "
                             "clients (or staprun) look, revoke them, or export them.")
     p.add_argument("-n", dest="nickname", action="append", default=[], help="server nickname")
@@ -254,7 +252,7 @@ def trust_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: 
 
 def mdns_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     """stap-server mdns [-c FILE]... [--interface X]...: the advertiser in the foreground"""
-    p = _Parser(prog="stap-server mdns",
+    p = Parser(prog="stap-server mdns",
                 description="Advertise the farm's servers over mDNS in the foreground "
                             "(what the advertiser container runs), until interrupted.")
     p.add_argument("-c", dest="config", action="append", help="global configuration file")
@@ -276,7 +274,7 @@ def mdns_action(argv: list[str], environ: Mapping[str, str], out: TextIO, err: T
 def endpoint_action(argv: list[str], environ: Mapping[str, str], out: TextIO,
                     err: TextIO) -> int:
     """stap-server endpoint {start|stop|status|run|broker} [-c FILE]... [--provision|...]"""
-    p = _Parser(prog="stap-server endpoint",
+    p = Parser(prog="stap-server endpoint",
                 description="The farm endpoint: one TLS address for every target (ENDPOINT_PORT), "
                             "routed by the request, validated, answered from a module cache.")
     p.add_argument("command", choices=["start", "stop", "status", "run", "broker"],
@@ -322,45 +320,6 @@ def endpoint_action(argv: list[str], environ: Mapping[str, str], out: TextIO,
         return EXIT_OK if line.startswith("farm endpoint: running") else EXIT_NOT_RUNNING
 
     return _run(run, p, argv, environ, out, err)
-
-
-def compose_action(argv: list[str], environ: Mapping[str, str], out: TextIO,
-                   err: TextIO) -> int:
-    """stap-server compose [--lab] [-o DIR [--force]]: the lab farm's compose files"""
-    p = _Parser(prog="stap-server compose",
-                description="The lab farm's compose files, generated from the specs "
-                            "`stap-server start` uses (default: compose.yaml on stdout).")
-    p.add_argument("--lab", action="store_true",
-                   help="with the `build` sections of a checkout (images/), as checked in")
-    p.add_argument("-o", dest="output", metavar="DIR", help=f"write {' and '.join(FILES)}")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
-    try:  # no global file: the files are the same on every host
-        ns = p.parse_args(argv)
-        if ns.force and ns.output is None:
-            raise UsageError("--force is only for -o DIR")
-        files = lab_files(build=ns.lab)
-        if ns.output is None:
-            out.write(files[FILES[0]])
-            return EXIT_OK
-        if not Path(ns.output).is_dir():
-            raise FarmError(f"{ns.output} is not a directory")
-        paths = {Path(ns.output, name): text for name, text in files.items()}
-        existing = [str(path) for path in paths if path.exists()]
-        if existing and not ns.force:
-            raise FarmError(f"{' and '.join(existing)} already there",
-                            hint="add --force to overwrite")
-        for path, text in paths.items():
-            tmp = path.with_name(f".{path.name}.tmp")
-            try:  # atomically: a reader sees the old file or the new one
-                tmp.write_text(text)
-                tmp.replace(path)
-            except OSError as e:
-                raise FarmError(f"cannot write {path}: {e.strerror}") from e
-            print(f"wrote {path}", file=out)
-        return EXIT_OK
-    except FarmError as e:
-        print(f"stap-server: {e}", file=err)
-        return e.exit_code
 
 
 ACTIONS: dict[str, Action] = {

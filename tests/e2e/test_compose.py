@@ -26,6 +26,7 @@ import pytest
 
 from farm.core import labels
 from farm.core.arch import ARM64, X86_64, Arch
+from farm.manual.cli import main
 from farm.trust import tls as tlsprobe
 from tests.support.client import (
     REPO,
@@ -49,8 +50,8 @@ SERVICE_TYPE = "_stap._tcp.local."
 
 
 def run(args: list[str], env: dict[str, str], check: bool = True,
-        timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
+        timeout: float = 600, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}",
@@ -301,6 +302,43 @@ def test_compose_down_leaves_no_farm_containers_and_keeps_volumes(
     for v in (env["STAPFARM_HOME_VOLUME"], env["STAPFARM_LOG_VOLUME"]):
         with pytest.raises(docker.errors.NotFound):
             docker_client.volumes.get(v)
+
+
+def test_configured_servers_become_a_compose_farm_that_serves_the_real_client(
+        docker_client: Any, trees: KernelTrees, test_prefix: str, test_label: str,
+        gateway: str, advertiser_image: str, client: Any, farm_environ: dict[str, str],
+        tmp_path: Path) -> None:
+    # `stap-server compose` of a .conf: the server start would run, as a compose service
+    prefix = f"{test_prefix}g"
+    env = farm_env(trees, prefix, test_label, "configured", gateway)
+    rel = trees.release(X86_64)
+    port = free_ports(1)[0]
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    (conf_d / "build.conf").write_text(f"ARCH=x86_64\nRELEASE={rel}\nNICKNAME=build\n"
+                                       f"PORT={port}\n")
+    gfile = tmp_path / "global"
+    gfile.write_text(Path(farm_environ["STAPFARM_CONFIG_FILE"]).read_text()
+                     + f"\nCONFIG_PATH={conf_d}\n")
+    out_dir = tmp_path / "farm"
+    out_dir.mkdir()
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(["compose", "-o", str(out_dir)],
+              environ=dict(farm_environ, STAPFARM_CONFIG_FILE=str(gfile)), stdout=out,
+              stderr=err)
+    assert rc == 0, err.getvalue()
+    up = ["docker", "compose", "-p", f"{prefix}-configured"]
+    try:
+        run(up + ["up", "-d"], env, cwd=out_dir)
+        wait_for(f"TLS on {port}", functools.partial(answers_tls, port), READY)
+        compile_hello(client, default_host_names()[0], port, X86_64, rel)
+        (server,) = docker_client.containers.list(filters={"label": [
+            f"{labels.OWNER}={prefix}", f"{labels.KIND}=server"]})
+        assert server.labels[labels.NICKNAME] == "build"
+        assert json.loads(server.labels[labels.CONFIG])["source"] == str(conf_d / "build.conf")
+    finally:
+        run(up + ["down", "-v", "--remove-orphans"], env, check=False, cwd=out_dir)
+        remove_volumes(docker_client, [env["STAPFARM_HOME_VOLUME"], env["STAPFARM_LOG_VOLUME"]])
 
 
 # --------------------------------------------------------------------------- swarm

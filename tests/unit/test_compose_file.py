@@ -157,9 +157,8 @@ def test_variables_and_the_yaml_they_make() -> None:
 
 def test_the_compose_action(tmp_path: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
-    assert main(["compose"], environ={}, stdout=out, stderr=err) == 0
-    assert out.getvalue() == lab_files(build=False)[FILES[0]]
-    assert "build:" not in out.getvalue()
+    assert main(["compose", "--lab"], environ={}, stdout=out, stderr=err) == 0
+    assert out.getvalue() == (REPO / FILES[0]).read_text()
     assert main(["compose", "--lab", "-o", str(tmp_path)], environ={}, stdout=out,
                 stderr=err) == 0
     assert (tmp_path / FILES[1]).read_text() == (REPO / FILES[1]).read_text()
@@ -169,7 +168,7 @@ def test_the_compose_action(tmp_path: Path) -> None:
     assert err.getvalue().count("\n") == 1 and "--force" in err.getvalue()
     assert main(["compose", "--lab", "-o", str(tmp_path), "--force"], environ={},
                 stdout=out, stderr=err) == 0
-    assert main(["compose", "--force"], environ={}, stdout=out, stderr=err) == 2
+    assert main(["compose", "--lab", "--force"], environ={}, stdout=out, stderr=err) == 2
 
 
 def test_the_stack_document_parses_as_json_once_set() -> None:
