@@ -7,7 +7,8 @@ IMAGE_BUILD_FLAGS ?= --allow-expired-release
 export IMAGE_BUILD_FLAGS
 PYTEST_FLAGS ?=
 
-.PHONY: setup up down test test-fast test-unit test-integration test-e2e test-engine-restart lint \
+.PHONY: setup up down test test-extended test-fast test-unit test-integration test-e2e \
+	test-engine-restart lint \
 	clean-test bench
 
 setup:
@@ -73,8 +74,13 @@ down:
 	@# servers the endpoint provisioned belong to no compose project: stop them too
 	STAPFARM_PREFIX=$${STAPFARM_PREFIX:-stapfarm} $(SS) endpoint stop
 
+# `make test` (CI): every tier but the `extended` tests (README "Tests and CI").
 test: setup
-	$(PY) -m pytest --durations=40 $(PYTEST_FLAGS)
+	$(PY) -m pytest -m "not extended" --durations=40 $(PYTEST_FLAGS)
+
+# `make test-extended`: the slow lower-tier duplicates make test leaves out (~10 min).
+test-extended: setup
+	$(PY) -m pytest -m extended --durations=0 $(PYTEST_FLAGS)
 
 test-fast:
 	$(PY) -m pytest -m "not docker and not slow" $(PYTEST_FLAGS)

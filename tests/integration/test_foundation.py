@@ -111,6 +111,7 @@ def test_probe_begin(docker_client: Any, kernel_trees: KernelTrees, build: Build
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~7 min; tests/e2e/test_servers.py compiles emulated through the farm
 @pytest.mark.timeout(3600)
 def test_probe_begin_emulated_aarch64(docker_client: Any, kernel_trees: KernelTrees) -> None:
     """The arm64 image under qemu-user: ~20 times slower than cross, but it works."""
@@ -119,6 +120,8 @@ def test_probe_begin_emulated_aarch64(docker_client: Any, kernel_trees: KernelTr
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~3 min; tests/e2e/test_servers.py and test_endpoint.py compile
+# tracepoint modules (native and cross) through the farm with the real client
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("build", [NATIVE, CROSS], ids=lambda b: b.name)
 def test_tracepoint(docker_client: Any, kernel_trees: KernelTrees, build: Build) -> None:
