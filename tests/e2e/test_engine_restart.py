@@ -105,12 +105,22 @@ def other_pytests() -> list[str]:
         if not entry.name.isdigit() or int(entry.name) in mine:
             continue
         try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            raw = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if "pytest" in cmd:
-            found.append(f"{entry.name}: {cmd.strip()[:160]}")
+        words = [w.decode(errors="replace") for w in raw.split(b"\0") if w]
+        if _runs_pytest(words):
+            found.append(f"{entry.name}: {' '.join(words)[:160]}")
     return found
+
+
+def _runs_pytest(words: list[str]) -> bool:
+    """Whether a command line runs pytest (`pytest ...`, `python -m pytest ...`): not merely
+    mentions it, as a test's server does with a log path under /tmp/pytest-of-root/."""
+    head = words[:3]
+    if any(os.path.basename(w) in ("pytest", "py.test") for w in head):
+        return True
+    return any(w == "-m" and nxt in ("pytest", "py.test") for w, nxt in zip(head, words[1:4]))
 
 
 def start_dockerd() -> None:
