@@ -331,6 +331,7 @@ def test_configured_servers_become_a_compose_farm_that_serves_the_real_client(
     try:
         run(up + ["up", "-d"], env, cwd=out_dir)
         wait_for(f"TLS on {port}", functools.partial(answers_tls, port), READY)
+        authorize_cert(client, served_cert(port))  # a new farm: its own certificate database
         compile_hello(client, default_host_names()[0], port, X86_64, rel)
         (server,) = docker_client.containers.list(filters={"label": [
             f"{labels.OWNER}={prefix}", f"{labels.KIND}=server"]})
