@@ -155,8 +155,9 @@ class Router:
                                  "again shortly", "failed", label) from e
                 candidates = await self._candidates(target, force=True)
                 if not candidates:
-                    raise Answer(f"no server for {target} any more (it stopped)",
-                                 "unrouted", label) from e
+                    # it stopped (e.g. a provisioned server retired while idle): as for a
+                    # target nobody serves, provision one when the farm may
+                    candidates = await self._provision(target)
         raise AssertionError("unreachable")
 
     async def _route(self, p: Prepared, target: Target,

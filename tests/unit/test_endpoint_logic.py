@@ -176,6 +176,23 @@ def test_a_stale_route_is_looked_up_again(make: Callable[..., Running],
     assert rc == 0 and len(s.builds) == 1
 
 
+def test_a_route_to_a_server_that_stopped_provisions_again(
+        make: Callable[..., Running], server_identity: tuple[str, str]) -> None:
+    # a provisioned server retired while idle, between two refreshes of the routing table:
+    # the next request for its target gets a new server, not "no server any more"
+    s = FakeServer(server_identity)
+    dead = socket.create_server(("127.0.0.1", 0))
+    dead_port = int(dead.getsockname()[1])
+    dead.close()
+    d = FakeDirectory([upstream("retired", dead_port)])
+    p = FakeProvisioner(d, lambda t: upstream("again", s))
+    r = make(d, p)
+    d.servers = []  # what Docker says now: it is gone
+    rc, resp = compile_(r.port, request_zip())
+    assert rc == 0, stderr(resp)
+    assert p.calls == [Target(REL, "x86_64")] and len(s.builds) == 1
+
+
 def test_a_server_with_another_certificate_is_refused(make: Callable[..., Running],
                                                       server_identity: tuple[str, str],
                                                       tmp_path: Path) -> None:
