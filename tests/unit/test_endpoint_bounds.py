@@ -11,7 +11,6 @@ import socket
 import ssl
 import struct
 import threading
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -203,7 +202,9 @@ def test_request_memory_is_bounded_and_everyone_is_answered(
     for t in threads:
         t.start()
     poll("some requests are held", lambda: r.endpoint._budget.used > 0, 10, step=0.01)
-    time.sleep(0.3)  # let the others pile up against the budget (nothing is asserted on time)
+    # the others pile up against the budget: some request waits for bytes to be freed
+    poll("a request waits on the byte budget", lambda: bool(r.endpoint._budget._waiters), 10,
+         step=0.01)
     gate.set()
     for t in threads:
         t.join(60)
